@@ -1,0 +1,92 @@
+"""Tiny random-weight models of every supported family, built with transformers' own
+config classes and saved with ``save_pretrained`` (no hub access).
+
+Weights use a large init scale so logits and router scores are well separated: a
+greedy comparison then tests the math, not float noise at near-ties.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+              initializer_range=0.15, tie_word_embeddings=False, max_position_embeddings=256)
+
+
+def hf_config(family: str, **overrides):
+    import transformers as T
+
+    if family == "mixtral":
+        cfg = T.MixtralConfig(**COMMON, intermediate_size=48, num_hidden_layers=3, num_local_experts=6,
+                              num_experts_per_tok=2, eos_token_id=None, bos_token_id=None)
+    elif family == "qwen2_moe":
+        cfg = T.Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24,
+                               shared_expert_intermediate_size=40, num_hidden_layers=4, num_experts=6,
+                               num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=False)
+    elif family == "qwen3_moe":
+        cfg = T.Qwen3MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=4,
+                               num_experts=8, num_experts_per_tok=2, head_dim=16, decoder_sparse_step=2,
+                               norm_topk_prob=True)
+    elif family == "olmoe":
+        cfg = T.OlmoeConfig(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=24, num_hidden_layers=3,
+                            num_experts=16, num_experts_per_tok=4, clip_qkv=3.0, eos_token_id=None,
+                            pad_token_id=None, bos_token_id=None)
+    elif family == "deepseek_v2":
+        cfg = T.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=64,
+                                 moe_intermediate_size=24, num_hidden_layers=3, n_routed_experts=8,
+                                 num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                 topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                 routed_scaling_factor=1.5, q_lora_rank=None, kv_lora_rank=16,
+                                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    elif family == "deepseek_v3":
+        cfg = T.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=64,
+                                 moe_intermediate_size=24, num_hidden_layers=3, n_routed_experts=8,
+                                 num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                 n_group=4, topk_group=2, routed_scaling_factor=2.5, q_lora_rank=16,
+                                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    else:
+        raise KeyError(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(hf_config(family, **overrides), attn_implementation="eager")
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zero by default: make it matter
+                buf.copy_(torch.randn_like(buf) * 0.05)
+    return model.eval()
+
+
+def save_tiny_model(family: str, path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Build and save a tiny model; returns the transformers model (the reference)."""
+    model = build_hf_model(family, seed, **overrides)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+def save_char_tokenizer(path: Path) -> None:
+    """A character-level tokenizer for the tiny models' 96-token vocabulary:
+    id i < 95 is ``chr(32 + i)``, id 95 is ``</s>`` (end of sequence)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {chr(32 + i): i for i in range(95)} | {"</s>": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["</s>"])
+    tok.save(str(Path(path) / "tokenizer.json"))
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "add_bos_token": False}))

@@ -1,0 +1,127 @@
+"""Loading errors: typed, naming the file or field, the value and the expectation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.tiny_models import save_tiny_model
+from workers.model.batch import ForwardBatch
+from workers.model.checkpoint import Checkpoint, load_model
+from workers.model.errors import (CheckpointError, ConfigFieldError, MissingWeightError, UnsupportedModelError,
+                                  WeightShapeError)
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    save_tiny_model("mixtral", tmp_path)
+    return tmp_path
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        Checkpoint(tmp_path)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        Checkpoint(tmp_path / "nope")
+
+
+def test_invalid_json(ckpt):
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Checkpoint(ckpt)
+
+
+def test_no_weights(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
+        Checkpoint(ckpt)
+
+
+def test_unknown_model_type(ckpt):
+    _edit_config(ckpt, model_type="llama4_moe")
+    with pytest.raises(UnsupportedModelError) as err:
+        Checkpoint(ckpt)
+    assert err.value.field == "model_type" and err.value.value == "llama4_moe"
+    assert "mixtral" in str(err.value)
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", -4), ("num_local_experts", "eight"),
+                                         ("num_key_value_heads", 3), ("hidden_act", "gelu"),
+                                         ("num_experts_per_tok", 99)])
+def test_bad_field_named(ckpt, field, value):
+    _edit_config(ckpt, **{field: value})
+    with pytest.raises(ConfigFieldError) as err:
+        Checkpoint(ckpt)
+    assert err.value.field == field and err.value.value == value
+    assert field in str(err.value) and str(ckpt / "config.json") in str(err.value)
+
+
+def test_mismatched_num_experts(ckpt):
+    _edit_config(ckpt, num_local_experts=8)  # the weights hold 6
+    with pytest.raises(ConfigFieldError) as err:
+        Checkpoint(ckpt)
+    assert err.value.field == "num_local_experts" and err.value.value == 8
+    assert "hold 6 experts" in str(err.value)
+
+
+def test_wrong_shape(ckpt):
+    tensors = load_file(ckpt / "model.safetensors")
+    key = "model.layers.1.self_attn.q_proj.weight"
+    tensors[key] = torch.zeros(16, 32)
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(WeightShapeError) as err:
+        load_model(ckpt)
+    assert err.value.key == key and err.value.got == (16, 32) and err.value.expected == (32, 32)
+
+
+def test_missing_tensor(ckpt):
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors["model.layers.2.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(MissingWeightError, match=r"experts\.3\.w2"):
+        load_model(ckpt)
+
+
+def test_truncated_safetensors(ckpt):
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(ckpt)
+
+
+def test_sharded_checkpoint_loads_and_missing_shard_named(tmp_path):
+    hf = save_tiny_model("qwen2_moe", tmp_path, max_shard_size="40KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    model = load_model(tmp_path)
+    prompt = [3, 14, 15, 92, 65]
+    with torch.no_grad():
+        diff = (model(ForwardBatch.build([prompt], [0]), all_logits=True) - hf(torch.tensor([prompt])).logits[0])
+    assert diff.abs().max() <= 1e-5
+    shards[1].unlink()
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint(tmp_path)
+    assert shards[1].name in str(err.value) and "missing" in str(err.value)
+
+
+def test_unsupported_rope_scaling(ckpt):
+    _edit_config(ckpt, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedModelError, match="rope_type"):
+        Checkpoint(ckpt)
+
+
+def test_moge_groups_must_divide(ckpt):
+    with pytest.raises(ConfigFieldError, match="moge_num_groups"):
+        Checkpoint(ckpt, moge_groups=4)  # 6 experts

@@ -1,0 +1,142 @@
+"""Attention with a KV cache: grouped-query attention (GQA) and multi-head latent
+attention (MLA, DeepSeek).
+
+Shapes: T = new tokens in the batch, B = sequences, N = most new tokens of one
+sequence, L = longest sequence length after this step, H = query heads, G = KV heads,
+d = head dim, D = hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.batch import ForwardBatch
+from workers.model.config import ModelConfig
+from workers.model.kv_cache import KVCache
+from workers.model.norm import RMSNorm
+from workers.model.rope import apply_rope, rope_cos_sin
+
+
+def cache_shapes(config: ModelConfig) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer, the shapes of one cached key and value (for MLA: latent, rotary key)."""
+    if config.attention == "mla":
+        shape = ((config.mla.kv_lora_rank,), (config.mla.qk_rope_head_dim,))
+    else:
+        shape = ((config.num_kv_heads, config.head_dim), (config.num_kv_heads, config.head_dim))
+    return [shape] * config.num_layers
+
+
+def _pad(batch: ForwardBatch, x: torch.Tensor) -> torch.Tensor:
+    """``x [T, ...]`` -> ``[B, N, ...]`` (padding rows are zero)."""
+    out = x.new_zeros(batch.num_seqs, batch.max_new, *x.shape[1:])
+    out[batch.seq_index, batch.query_index] = x
+    return out
+
+
+def _context(batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
+             layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keys and values every query may attend to: ``[B, L, ...]`` each, and L.
+
+    With a cache the new rows are stored first. Without one (training, scoring whole
+    sequences) every sequence must start at position 0 and sees only its new tokens.
+    """
+    if cache is None:
+        return _pad(batch, k), _pad(batch, v), batch.max_new
+    cache.write(layer, batch.slots[batch.seq_index], batch.positions, k, v)
+    keys, values = cache.read(layer, batch.slots, batch.max_len)
+    return keys.to(k.dtype), values.to(v.dtype), batch.max_len
+
+
+def _attend(batch: ForwardBatch, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            length: int, scale: float) -> torch.Tensor:
+    """Causal attention of ``q [T, H, d]`` over ``keys/values [B, L, G, d]`` -> ``[T, H, dv]``."""
+    query_pos = _pad(batch, batch.positions)  # [B, N]; padding rows sit at position 0
+    mask = torch.arange(length)[None, None, :] <= query_pos[:, :, None]  # [B, N, L]
+    out = F.scaled_dot_product_attention(
+        _pad(batch, q).transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=keys.shape[2] != q.shape[1],
+    )  # [B, H, N, dv]
+    return out.transpose(1, 2)[batch.seq_index, batch.query_index]
+
+
+class Attention(nn.Module):
+    """GQA with RoPE; optional q/k/v bias, q/k RMSNorm (per head or whole projection), clip."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        h, g, d, hidden = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+        self.q_proj = nn.Linear(hidden, h * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, g * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, g * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(h * d, hidden, bias=config.o_bias)
+        if config.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, config.rms_norm_eps), RMSNorm(d, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(h * d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(g * d, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+        """``x [T, D]`` -> ``[T, D]``."""
+        c = self.config
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(batch.positions, c.head_dim, c.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values, length = _context(batch, k, v, cache, self.layer)
+        out = _attend(batch, q, keys, values, length, c.head_dim**-0.5)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class LatentAttention(nn.Module):
+    """MLA: keys and values are decompressed from a cached latent of ``kv_lora_rank``
+    dims plus one shared rotary key of ``qk_rope_head_dim`` dims."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        m, h, hidden = config.mla, config.num_heads, config.hidden_size
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, h * m.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=config.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * m.v_head_dim, hidden, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+        """``x [T, D]`` -> ``[T, D]``."""
+        c, m = self.config, self.config.mla
+        if m.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(-1, c.num_heads, m.qk_head_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], -1)
+        latent = self.kv_a_layernorm(latent)  # [T, r]
+        cos, sin = rope_cos_sin(batch.positions, m.qk_rope_head_dim, c.rope_theta, x.dtype)
+        q_rot = apply_rope(q_rot, cos, sin, c.rope_interleave)
+        k_rot = apply_rope(k_rot[:, None, :], cos, sin, c.rope_interleave)[:, 0]  # [T, R]
+        latents, rot_keys, length = _context(batch, latent, k_rot, cache, self.layer)  # [B, L, r], [B, L, R]
+        kv = self.kv_b_proj(latents).view(*latents.shape[:2], c.num_heads, -1)
+        k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], -1)
+        keys = torch.cat((k_nope, rot_keys[:, :, None, :].expand(-1, -1, c.num_heads, -1)), -1)
+        out = _attend(batch, torch.cat((q_nope, q_rot), -1), keys, values, length, m.qk_head_dim**-0.5)
+        return self.o_proj(out.reshape(x.shape[0], -1))

@@ -1,0 +1,148 @@
+"""Load a local Hugging Face-format checkpoint: ``config.json``, ``*.safetensors``
+(one file, or shards listed by ``model.safetensors.index.json``), ``tokenizer.json``.
+
+Every problem is reported as a typed error naming the file or field before any weight
+is used. Routed experts can be loaded alone (an expert rank reads only its slots).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from workers.model.config import ModelConfig
+from workers.model.decoder import MoEForCausalLM
+from workers.model.errors import CheckpointError, ConfigFieldError, MissingWeightError, WeightShapeError
+from workers.model.families import checkpoint_key, expert_keys, family_of, parse_config
+
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[a-z_]+\.experts\.(\d+)\.")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(path, f"{what} is missing", "point --model at a Hugging Face-format model directory")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc})", "restore the file") from None
+
+
+class Checkpoint:
+    """A checkpoint directory; tensors are read lazily, shard by shard."""
+
+    def __init__(self, path: str | Path, moge_groups: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(self.path, "is not a directory", "pass the directory that holds config.json")
+        config_path = self.path / "config.json"
+        self.raw_config = _read_json(config_path, "config.json")
+        self.config: ModelConfig = parse_config(self.raw_config, str(config_path), moge_groups)
+        self._handles: dict[str, object] = {}
+        self.weight_map = self._weight_map()  # tensor name -> shard file name
+        self._check_expert_count()
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.exists():
+            weight_map = _read_json(index, INDEX_FILE).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(index, "has no 'weight_map' object", "regenerate the index")
+            for shard in sorted(set(weight_map.values())):
+                if not (self.path / shard).is_file():
+                    raise CheckpointError(self.path / shard, f"shard listed in {INDEX_FILE} is missing",
+                                          "download or copy the missing shard")
+            return weight_map
+        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(self.path, "holds no *.safetensors weights", "save the model with safetensors")
+        return {key: shard for shard in shards for key in self._open(shard).keys()}
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(self.path / shard, f"cannot be read as safetensors ({exc})",
+                                      "the file is truncated or corrupt: download it again") from None
+        return self._handles[shard]
+
+    def _check_expert_count(self) -> None:
+        """The experts in the weights must be the experts config.json declares."""
+        found: dict[int, int] = {}
+        for key in self.weight_map:
+            match = _EXPERT_KEY.match(key)
+            if match:
+                layer, expert = int(match[1]), int(match[2])
+                found[layer] = max(found.get(layer, 0), expert + 1)
+        expected = self.config.num_experts
+        for layer, count in sorted(found.items()):
+            if count != expected and layer < self.config.num_layers:
+                field = family_of(self.config.family).EXPERTS_FIELD
+                raise ConfigFieldError(
+                    self.path / "config.json", field, expected,
+                    f"{count}: the weights of layer {layer} hold {count} experts",
+                )
+
+    def has(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def tensor(self, key: str, shape: tuple[int, ...] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``key``; its shape must equal ``shape`` when given."""
+        if key not in self.weight_map:
+            raise MissingWeightError(self.path, key)
+        shard = self.weight_map[key]
+        try:
+            value = self._open(shard).get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(self.path / shard, f"tensor '{key}' cannot be read ({exc})",
+                                  "the file is truncated or corrupt: download it again") from None
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise WeightShapeError(str(self.path / shard), key, tuple(value.shape), tuple(shape))
+        return value if dtype is None else value.to(dtype)
+
+    def expert_weights(self, layer: int, experts: list[int],
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked weights of ``experts`` of decoder layer ``layer``, in that order:
+        ``gate_up [n, 2I, D]`` and ``down [n, D, I]``."""
+        c = self.config
+        d, i = c.hidden_size, c.moe_intermediate_size
+        gate_up, down = [], []
+        for expert in experts:
+            gate, up, dn = expert_keys(c, layer, expert)
+            gate_up.append(torch.cat((self.tensor(gate, (i, d), dtype), self.tensor(up, (i, d), dtype))))
+            down.append(self.tensor(dn, (d, i), dtype))
+        if not experts:
+            return torch.empty(0, 2 * i, d, dtype=dtype), torch.empty(0, d, i, dtype=dtype)
+        return torch.stack(gate_up), torch.stack(down)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, moge_groups: int | None = None,
+               with_experts: bool = True, checkpoint: Checkpoint | None = None) -> MoEForCausalLM:
+    """Build the model of a checkpoint directory and fill every weight (routed experts
+    only when ``with_experts``)."""
+    ckpt = checkpoint or Checkpoint(path, moge_groups)
+    config = ckpt.config
+    with torch.device("meta"):
+        model = MoEForCausalLM(config, with_experts)
+    model = model.to_empty(device="cpu").to(dtype)
+    state = {}
+    for name, param in model.state_dict().items():
+        if ".mlp.experts." in name:
+            continue
+        key = checkpoint_key(config, name)
+        if name == "lm_head.weight" and config.tie_word_embeddings and not ckpt.has(key):
+            key = checkpoint_key(config, "model.embed_tokens.weight")
+        state[name] = ckpt.tensor(key, tuple(param.shape), dtype)
+    if with_experts:
+        for layer in config.moe_layer_ids:
+            gate_up, down = ckpt.expert_weights(layer, list(range(config.num_experts)), dtype)
+            state[f"model.layers.{layer}.mlp.experts.gate_up"] = gate_up
+            state[f"model.layers.{layer}.mlp.experts.down"] = down
+    model.load_state_dict(state, strict=True)
+    return model.eval()

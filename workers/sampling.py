@@ -1,0 +1,90 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded.
+
+Every request draws from its own ``torch.Generator``, so a seeded request gives the same
+tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; names the field, the value and the range."""
+
+    def __init__(self, field_name: str, value: object, expected: str):
+        self.field, self.value, self.expected = field_name, value, expected
+        super().__init__(f"sampling parameter '{field_name}' = {value!r}; expected {expected}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 mean no filtering."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             "an integer >= 1"),
+            ("temperature", self.temperature, isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
+             "a number in [0, 100]"),
+            ("top_p", self.top_p, isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("seed", self.seed, self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+             "null or an integer in [0, 2**63)"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok or isinstance(value, bool):
+                raise SamplingParamsError(name, value, expected)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
+        return g
+
+
+def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``logits [V]`` -> probabilities ``[V]`` after temperature, top-k and top-p."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row of ``logits [B, V]``."""
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for row, (p, g) in enumerate(zip(params, generators)):
+        if p.greedy:
+            out.append(greedy[row])
+        else:
+            out.append(int(torch.multinomial(_filtered_probs(logits[row], p), 1, generator=g)))
+    return out

@@ -1,0 +1,118 @@
+"""Continuous batching: requests join between steps and leave when they finish.
+
+Pure bookkeeping (no model): the reference engine and the distributed coordinator
+both drive a ``Scheduler`` and differ only in how they run a step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from workers.sampling import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request cannot be served as given; names the field, the value and the limit."""
+
+    def __init__(self, field_name: str, value: object, expected: str):
+        self.field, self.value, self.expected = field_name, value, expected
+        super().__init__(f"request field '{field_name}' = {value!r}; expected {expected}")
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Sequence:
+    """A running request. Its KV cache holds the first ``cached`` of ``all_ids``."""
+
+    request: Request
+    slot: int
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    cached: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens to feed this step: the whole prompt first, then the last sampled token."""
+        return self.all_ids[self.cached :]
+
+
+class Scheduler:
+    """Admits up to ``max_seqs`` sequences (one KV slot each), up to ``max_seq_len`` tokens each."""
+
+    def __init__(self, max_seqs: int, max_seq_len: int, eos_token_ids: tuple[int, ...] = (),
+                 detokenize: Callable[[list[int]], str] | None = None, vocab_size: int | None = None):
+        self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.detokenize, self.vocab_size = detokenize, vocab_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(max_seqs - 1, -1, -1))
+
+    def add(self, request: Request) -> None:
+        prompt = request.prompt_ids
+        if not prompt:
+            raise RequestError("prompt", prompt, "at least one token")
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt):
+            bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
+            raise RequestError("prompt", bad, f"token ids in [0, {self.vocab_size})")
+        if len(prompt) + 1 > self.max_seq_len:
+            raise RequestError("prompt", f"{len(prompt)} tokens", f"at most {self.max_seq_len - 1} tokens")
+        if request.params.stop and self.detokenize is None:
+            raise RequestError("stop", request.params.stop, "no stop strings: the model has no tokenizer")
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Sequence]:
+        """Admit waiting requests into free slots; return every running sequence."""
+        while self.waiting and self.free_slots:
+            request = self.waiting.popleft()
+            self.running.append(Sequence(request, self.free_slots.pop(), request.params.generator()))
+        return list(self.running)
+
+    def commit(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        """Record one sampled token per sequence of the step; return those that finished."""
+        finished = []
+        for seq, token in zip(seqs, tokens):
+            seq.cached = len(seq.all_ids)
+            seq.output_ids.append(token)
+            seq.finish_reason = self._finish_reason(seq, token)
+            if seq.finish_reason:
+                finished.append(seq)
+        for seq in finished:
+            self.release(seq)
+        return finished
+
+    def release(self, seq: Sequence, reason: str | None = None) -> None:
+        """Free a sequence's slot (finished, or aborted with ``reason``)."""
+        if reason:
+            seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.request.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop and any(s in self.detokenize(seq.output_ids) for s in p.stop):
+            return "stop"
+        if len(seq.output_ids) >= p.max_new_tokens or len(seq.all_ids) >= self.max_seq_len:
+            return "length"
+        return None
