@@ -77,13 +77,12 @@ def _token_prompts(args: argparse.Namespace) -> list[list[int]]:
 
 def run_reference(args: argparse.Namespace, prompts: list[str], show_load: bool) -> int:
     from workers.reference import ReferenceEngine
-    from workers.trace import TraceRecorder
 
     started = time.perf_counter()
     engine = ReferenceEngine.from_pretrained(args.model, DTYPES[args.dtype], args.moge_groups, max_seqs=args.max_seqs)
     config = engine.model.config
     if args.record_trace or show_load:
-        engine.recorder = TraceRecorder(config.moe_layer_ids, config.num_experts)
+        engine.runner.record_trace(True)
     _log(f"loaded {args.model} ({config.family}, {config.num_layers} layers, {config.num_experts} experts, "
          f"top-{config.top_k}) in {time.perf_counter() - started:.1f}s")
     started = time.perf_counter()

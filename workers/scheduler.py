@@ -10,8 +10,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from workers.sampling import SamplingParams
 
 
@@ -36,7 +34,6 @@ class Sequence:
 
     request: Request
     slot: int
-    generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -83,7 +80,7 @@ class Scheduler:
         """Admit waiting requests into free slots; return every running sequence."""
         while self.waiting and self.free_slots:
             request = self.waiting.popleft()
-            self.running.append(Sequence(request, self.free_slots.pop(), request.params.generator()))
+            self.running.append(Sequence(request, self.free_slots.pop()))
         return list(self.running)
 
     def commit(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:

@@ -39,10 +39,10 @@ def test_logits_with_kv_cache_match(pair):
     prompt = PROMPTS[2]
     with torch.no_grad():
         want = hf(torch.tensor([prompt])).logits[0]
-        first = engine.model(ForwardBatch.build([prompt[:5]], [0], [1]), engine.cache)
+        first = engine.model(ForwardBatch.build([prompt[:5]], [0], [1]), engine.runner.cache)
         assert (first[0] - want[4]).abs().max().item() <= 1e-5
         for pos in range(5, len(prompt)):
-            step = engine.model(ForwardBatch.build([[prompt[pos]]], [pos], [1]), engine.cache)
+            step = engine.model(ForwardBatch.build([[prompt[pos]]], [pos], [1]), engine.runner.cache)
             assert (step[0] - want[pos]).abs().max().item() <= 1e-5, f"position {pos}"
 
 

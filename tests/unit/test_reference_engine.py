@@ -15,7 +15,6 @@ from workers.reference import ReferenceEngine
 from workers.sampling import SamplingParams, SamplingParamsError
 from workers.scheduler import RequestError
 from workers.tokenizer import load_tokenizer
-from workers.trace import TraceRecorder
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3], [60, 61, 62, 63, 9, 8, 70], [1], [44, 45, 46, 47, 48]]
 
@@ -79,7 +78,7 @@ def test_stop_token_and_stop_string(engine):
 def test_eos_ends_generation(engine):
     full = _alone(engine, PROMPTS[0], SamplingParams(max_new_tokens=20, ignore_eos=True))
     eos_engine = ReferenceEngine(engine.model, engine.tokenizer, max_seqs=2)
-    eos_engine.eos_token_ids = (full[3],)
+    eos_engine.scheduler.eos_token_ids = {full[3]}
     out = eos_engine.generate_ids([PROMPTS[0]], SamplingParams(max_new_tokens=20))[0]
     assert out.output_ids == full[: full.index(full[3]) + 1] and out.finish_reason == "stop"
 
@@ -102,8 +101,9 @@ def test_bad_prompts_rejected_before_running(engine, prompt, field):
 
 def test_trace_records_every_token_and_layer(engine):
     config = engine.model.config
-    recorder = TraceRecorder(config.moe_layer_ids, config.num_experts)
-    traced = ReferenceEngine(engine.model, max_seqs=4, recorder=recorder)
+    traced = ReferenceEngine(engine.model, max_seqs=4)
+    traced.runner.record_trace(True)
+    recorder = traced.recorder
     out = traced.generate_ids(PROMPTS[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))
     fed = sum(len(p) for p in PROMPTS[:2]) + sum(len(c.output_ids) - 1 for c in out)
     ids = recorder.topk_ids

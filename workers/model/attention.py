@@ -53,7 +53,7 @@ def _attend(batch: ForwardBatch, q: torch.Tensor, keys: torch.Tensor, values: to
             length: int, scale: float) -> torch.Tensor:
     """Causal attention of ``q [T, H, d]`` over ``keys/values [B, L, G, d]`` -> ``[T, H, dv]``."""
     query_pos = _pad(batch, batch.positions)  # [B, N]; padding rows sit at position 0
-    mask = torch.arange(length)[None, None, :] <= query_pos[:, :, None]  # [B, N, L]
+    mask = torch.arange(length, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, N, L]
     out = F.scaled_dot_product_attention(
         _pad(batch, q).transpose(1, 2),
         keys.transpose(1, 2),

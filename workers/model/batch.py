@@ -30,6 +30,12 @@ class ForwardBatch:
     max_new: int
     max_len: int
 
+    def to(self, device: torch.device) -> "ForwardBatch":
+        if device.type == "cpu":
+            return self
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return ForwardBatch(**moved)
+
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])

@@ -1,0 +1,173 @@
+"""Deployment config: one YAML file, loaded once into frozen dataclasses.
+
+Every bad field raises ``DeploymentConfigError`` naming the field (dotted path), the
+value and the fix. Unknown fields are refused, so a typo never silently means "default".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LAYOUTS = ("disaggregated", "coherent")
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("auto", "gloo", "nccl")
+STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+BUILTIN_POLICIES = ("linear", "round_robin")
+
+
+class DeploymentConfigError(ValueError):
+    def __init__(self, field_name: str, value: object, fix: str, source: str = ""):
+        self.field, self.value, self.fix, self.source = field_name, value, fix, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}config field '{field_name}' = {value!r}: {fix}")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    policy: str = "linear"  # linear | round_robin (built in); ignored when plan is set
+    plan: str | None = None  # a plan file written by `raymoe plan`
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_seqs: int = 16  # sequences decoded together (one KV-cache slot each)
+    max_seq_len: int = 1024  # prompt + generated tokens per sequence
+    max_queue: int = 256  # waiting requests beyond which new ones are refused
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: embedded ray.init(); "auto" or host:port joins a cluster
+    strategy: str = "PACK"  # placement group strategy for the front-end + expert ranks
+    namespace: str = "raymoe"
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpus_per_actor: float = 0.25
+    gpus_per_actor: str | float = "auto"  # "auto": 1 per actor when the cluster has GPUs, else 0
+    threads_per_actor: int = 1  # torch intra-op threads in each actor (CPU runs)
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    model: str
+    dtype: str = "float32"
+    moge_groups: int | None = None
+    layout: str = "disaggregated"
+    expert_ranks: int = 2
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    backend: str = "auto"
+    collective_timeout_s: float = 120.0
+
+    def replace(self, **changes: Any) -> "DeploymentConfig":
+        """A copy with top-level fields changed (CLI overrides), validated again."""
+        config = dataclasses.replace(self, **changes)
+        validate(config)
+        return config
+
+
+_SECTIONS = {"placement": PlacementConfig, "batching": BatchingConfig, "ray": RayConfig,
+             "resources": ResourcesConfig}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _build(cls, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise DeploymentConfigError(prefix or "<root>", data, "expected a mapping of fields", source)
+    known = _fields(cls)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise DeploymentConfigError(name, data[unknown[0]], f"unknown field; known fields: {sorted(known)}", source)
+    kwargs = {}
+    for name, value in data.items():
+        if prefix == "" and name in _SECTIONS:
+            value = _build(_SECTIONS[name], value if value is not None else {}, name, source)
+        kwargs[name] = value
+    if prefix == "" and "model" not in kwargs:
+        raise DeploymentConfigError("model", None, "required: the model directory", source)
+    return cls(**kwargs)
+
+
+def _check(ok: bool, name: str, value: object, fix: str, source: str) -> None:
+    if not ok:
+        raise DeploymentConfigError(name, value, fix, source)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate(c: DeploymentConfig, source: str = "") -> None:
+    """Bounds and choices of every field."""
+    _check(isinstance(c.model, str) and bool(c.model), "model", c.model, "a model directory path", source)
+    _check(c.dtype in DTYPES, "dtype", c.dtype, f"one of {list(DTYPES)}", source)
+    _check(c.moge_groups is None or (_is_int(c.moge_groups) and c.moge_groups >= 1), "moge_groups",
+           c.moge_groups, "null or an integer >= 1", source)
+    _check(c.layout in LAYOUTS, "layout", c.layout, f"one of {list(LAYOUTS)}", source)
+    _check(_is_int(c.expert_ranks) and 1 <= c.expert_ranks <= 1024, "expert_ranks", c.expert_ranks,
+           "an integer in [1, 1024]", source)
+    p = c.placement
+    _check(p.plan is None or (isinstance(p.plan, str) and bool(p.plan)), "placement.plan", p.plan,
+           "null or the path of a plan file written by `raymoe plan`", source)
+    _check(p.policy in BUILTIN_POLICIES, "placement.policy", p.policy,
+           f"one of {list(BUILTIN_POLICIES)}, or set placement.plan to a plan file from `raymoe plan`", source)
+    b = c.batching
+    _check(_is_int(b.max_seqs) and 1 <= b.max_seqs <= 4096, "batching.max_seqs", b.max_seqs,
+           "an integer in [1, 4096]", source)
+    _check(_is_int(b.max_seq_len) and 2 <= b.max_seq_len <= 1 << 20, "batching.max_seq_len", b.max_seq_len,
+           "an integer in [2, 1048576]", source)
+    _check(_is_int(b.max_queue) and b.max_queue >= 1, "batching.max_queue", b.max_queue, "an integer >= 1", source)
+    r = c.ray
+    _check(r.address is None or (isinstance(r.address, str) and bool(r.address)), "ray.address", r.address,
+           "null (embedded Ray), 'auto', or host:port of a cluster head", source)
+    _check(r.strategy in STRATEGIES, "ray.strategy", r.strategy, f"one of {list(STRATEGIES)}", source)
+    _check(isinstance(r.namespace, str) and bool(r.namespace), "ray.namespace", r.namespace, "a name", source)
+    res = c.resources
+    _check(_is_number(res.cpus_per_actor) and 0 < res.cpus_per_actor <= 256, "resources.cpus_per_actor",
+           res.cpus_per_actor, "a number in (0, 256]", source)
+    _check(res.gpus_per_actor == "auto" or (_is_number(res.gpus_per_actor) and 0 <= res.gpus_per_actor <= 8),
+           "resources.gpus_per_actor", res.gpus_per_actor, "'auto' or a number in [0, 8]", source)
+    _check(_is_int(res.threads_per_actor) and 1 <= res.threads_per_actor <= 256, "resources.threads_per_actor",
+           res.threads_per_actor, "an integer in [1, 256]", source)
+    _check(c.backend in BACKENDS, "backend", c.backend, f"one of {list(BACKENDS)}", source)
+    _check(_is_number(c.collective_timeout_s) and 1 <= c.collective_timeout_s <= 3600, "collective_timeout_s",
+           c.collective_timeout_s, "seconds in [1, 3600]", source)
+
+
+def parse_config(data: Any, source: str = "") -> DeploymentConfig:
+    """A mapping (parsed YAML) -> validated DeploymentConfig."""
+    try:
+        config = _build(DeploymentConfig, data, "", source)
+    except TypeError as exc:  # a section given as a non-mapping value
+        raise DeploymentConfigError("<root>", data, f"malformed config ({exc})", source) from None
+    validate(config, source)
+    return config
+
+
+def load_config(path: str | Path) -> DeploymentConfig:
+    """Read a deployment YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DeploymentConfigError("<file>", str(path), f"cannot read the file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise DeploymentConfigError("<file>", str(path), f"not valid YAML ({exc})") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,131 @@
+"""The data plane: move tokens to the ranks that hold their experts and bring the
+results back, one ``all_to_all_single`` per direction.
+
+Dispatch and combine are each split into a local preprocess, one communication, and a
+local postprocess (the Megatron-Core shape); only the ``exchange_*`` functions talk.
+
+Shapes: T = tokens at the front-end, A = activated experts per token, D = hidden,
+N = rows sent (one per distinct (token, expert rank) pair: a token whose two experts
+share a rank is sent once), W = world size (front-end ranks first, then expert ranks).
+
+Row wire format (uint8, so one tensor carries any dtype): ``[x (D values of the model
+dtype) | local slot ids (A x int32, -1 = not on this rank) | weights (A x float32)]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from workers.expert_map import LayerMap
+from workers.model.experts import ExpertStack
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The dispatch send buffer of one front-end rank."""
+
+    rows: torch.Tensor  # uint8 [N, row_bytes], grouped by destination rank
+    splits: list[int]  # [W] rows for each process rank
+    row_token: torch.Tensor  # int64 [N] token of each row
+    pairs_per_rank: list[int]  # (token, expert) pairs for each expert rank
+
+
+def row_bytes(hidden: int, top_k: int, dtype: torch.dtype) -> int:
+    return hidden * torch.finfo(dtype).bits // 8 + 8 * top_k
+
+
+def encode_rows(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``x [N, D]``, ``local_ids [N, A]`` int32, ``weights [N, A]`` float32 -> uint8 ``[N, row_bytes]``."""
+    n = x.shape[0]
+    parts = (x.contiguous(), local_ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous())
+    return torch.cat([p.view(torch.uint8).reshape(n, -1) for p in parts], dim=1)
+
+
+def decode_rows(buf: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
+    """Inverse of ``encode_rows``: ``x [N, D]``, ``local_ids [N, A]`` int64, ``weights [N, A]``."""
+    x_bytes = hidden * torch.finfo(dtype).bits // 8
+    x = buf[:, :x_bytes].contiguous().view(dtype)
+    ids = buf[:, x_bytes : x_bytes + 4 * top_k].contiguous().view(torch.int32).long()
+    weights = buf[:, x_bytes + 4 * top_k :].contiguous().view(torch.float32)
+    return x, ids, weights
+
+
+def pack(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer_map: LayerMap,
+         world_size: int, expert_base: int) -> Packed:
+    """Dispatch preprocess (local): ``x [T, D]`` routed by ``topk_ids/topk_weights [T, A]``.
+
+    A token of a replicated expert goes to replica ``token % logcnt[e]``, which spreads
+    the expert's tokens evenly over its copies. Expert rank r is process rank
+    ``expert_base + r``.
+    """
+    tokens, top_k = topk_ids.shape
+    ranks = layer_map.num_ranks
+    pair_token = torch.arange(tokens, device=x.device).repeat_interleave(top_k)  # [T*A]
+    expert = topk_ids.reshape(-1)
+    slot = layer_map.log2phy[expert, pair_token % layer_map.logcnt[expert]]
+    pair_rank, pair_local = layer_map.slot_rank[slot], layer_map.slot_local[slot]
+    # Step 1: one row per distinct (rank, token), sorted by rank, then token.
+    keys, pair_row = torch.unique(pair_rank * tokens + pair_token, return_inverse=True)
+    row_rank, row_token = keys // tokens, keys % tokens
+    # Step 2: each row carries the local slot and weight of its pairs, in top-k order.
+    local_ids = torch.full((len(keys), top_k), -1, dtype=torch.int32, device=x.device)
+    weights = torch.zeros(len(keys), top_k, dtype=torch.float32, device=x.device)
+    column = torch.arange(top_k, device=x.device).repeat(tokens)
+    local_ids[pair_row, column] = pair_local.to(torch.int32)
+    weights[pair_row, column] = topk_weights.reshape(-1).float()
+    rows_per_rank = torch.bincount(row_rank, minlength=ranks).tolist()
+    splits = [0] * expert_base + rows_per_rank + [0] * (world_size - expert_base - ranks)
+    return Packed(encode_rows(x[row_token], local_ids, weights), splits, row_token,
+                  torch.bincount(pair_rank, minlength=ranks).tolist())
+
+
+def exchange_dispatch(send: torch.Tensor, send_splits: list[int], group) -> tuple[torch.Tensor, list[int]]:
+    """Dispatch communicate. All ranks of ``group`` must call this, in the same order.
+
+    One metadata ``all_to_all_single`` (W int64 split sizes) then one token-carrying
+    ``all_to_all_single`` with variable splits. Returns the received rows and, per
+    source rank, how many.
+    """
+    world = dist.get_world_size(group)
+    counts = torch.tensor(send_splits, dtype=torch.int64, device=send.device)
+    recv_counts = torch.empty(world, dtype=torch.int64, device=send.device)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    recv_splits = recv_counts.tolist()
+    recv = send.new_empty(sum(recv_splits), send.shape[1])
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    return recv, recv_splits
+
+
+def exchange_combine(results: torch.Tensor, recv_splits: list[int], send_splits: list[int], group) -> torch.Tensor:
+    """Combine communicate. All ranks of ``group`` must call this, in the same order.
+
+    Every rank returns its results to the ranks the rows came from (split sizes are
+    the dispatch's, reversed, so no metadata is needed): one ``all_to_all_single``.
+    """
+    back = results.new_empty(sum(send_splits), results.shape[1])
+    dist.all_to_all_single(back, results.contiguous(), send_splits, recv_splits, group=group)
+    return back
+
+
+def run_experts(recv: torch.Tensor, stack: ExpertStack, hidden: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Expert-rank compute (local): received rows -> weighted sum of their experts' outputs
+    ``[N, D]``, and the number of (token, expert) pairs computed.
+
+    Each row's partials are added in top-k order, as the single-process ``combine`` does.
+    """
+    x, ids, weights = decode_rows(recv, hidden, top_k, dtype)
+    row, column = torch.nonzero(ids >= 0, as_tuple=True)  # pairs, row-major = top-k order
+    out = torch.zeros_like(x)
+    if len(row):
+        y = stack(x[row], ids[row, column]) * weights[row, column, None].to(dtype)
+        out.index_add_(0, row, y)
+    return out, len(row)
+
+
+def unpack_combine(back: torch.Tensor, row_token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Combine postprocess (local): per-row partial sums ``[N, D]`` -> ``[T, D]``."""
+    out = back.new_zeros(num_tokens, back.shape[1])
+    return out.index_add_(0, row_token, back)

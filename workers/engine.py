@@ -1,0 +1,107 @@
+"""The request loop shared by the reference engine and the distributed deployment:
+queue requests, schedule a step, execute it, commit the sampled tokens."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from workers.model.errors import CheckpointError
+from workers.sampling import SamplingParams
+from workers.scheduler import Request, Scheduler, Sequence
+from workers.step import SeqStep, StepInput, StepOutput
+from workers.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than the engine's queue limit allows."""
+
+    def __init__(self, waiting: int, limit: int):
+        self.waiting, self.limit = waiting, limit
+        super().__init__(f"{waiting} requests are waiting (queue limit {limit}); retry later")
+
+
+def finish_text(tokenizer: Tokenizer | None, seq: Sequence) -> str | None:
+    """Decoded output, cut before the first stop string."""
+    if tokenizer is None:
+        return None
+    text = tokenizer.decode(seq.output_ids)
+    for stop in seq.request.params.stop:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+class Engine:
+    """Subclasses implement ``_execute(step) -> StepOutput``: one forward pass + sampling."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer | None, max_queue: int | None = None):
+        self.scheduler, self.tokenizer, self.max_queue = scheduler, tokenizer, max_queue
+        self._step_ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._seq_of: dict[str, int] = {}  # request id -> integer sequence id (traces)
+
+    def _execute(self, step: StepInput) -> StepOutput:
+        raise NotImplementedError
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; it joins the batch at the next step. Bad requests raise here."""
+        waiting = len(self.scheduler.waiting)
+        if self.max_queue is not None and waiting >= self.max_queue:
+            raise QueueFullError(waiting, self.max_queue)
+        seq_id = next(self._seq_ids)
+        request_id = request_id if request_id is not None else str(seq_id)
+        self.scheduler.add(Request(request_id, list(prompt_ids), params))
+        self._seq_of[request_id] = seq_id
+        return request_id
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self, return_logits: bool = False) -> tuple[list[Completion], dict[str, torch.Tensor]]:
+        """Run one step over every running sequence. Returns the requests that finished
+        and, with ``return_logits``, each sequence's last-token logits ``[V]`` by request id."""
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return [], {}
+        out = self._execute(StepInput(next(self._step_ids), [self._seq_step(s) for s in seqs], return_logits))
+        logits = {s.request.request_id: out.logits[i] for i, s in enumerate(seqs)} if return_logits else {}
+        return [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)], logits
+
+    def _seq_step(self, seq: Sequence) -> SeqStep:
+        new = seq.cached == 0
+        return SeqStep(self._seq_of[seq.request.request_id], seq.slot, seq.pending, seq.cached,
+                       seq.request.params if new else None)
+
+    def _completion(self, seq: Sequence) -> Completion:
+        self._seq_of.pop(seq.request.request_id, None)
+        return Completion(seq.request.request_id, seq.request.prompt_ids, seq.output_ids,
+                          finish_text(self.tokenizer, seq), seq.finish_reason)
+
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Token-id prompts in, completions out (in prompt order)."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, Completion] = {}
+        while self.has_work():
+            for completion in self.step()[0]:
+                done[completion.request_id] = completion
+        return [done[i] for i in ids]
+
+    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Text prompts in (needs the checkpoint's tokenizer), completions out."""
+        if self.tokenizer is None:
+            raise CheckpointError("tokenizer.json", "this model has no tokenizer",
+                                  "add the model's tokenizer.json to its directory, or pass token ids")
+        return self.generate_ids([self.tokenizer.encode(p) for p in prompts], params)

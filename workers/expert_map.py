@@ -1,0 +1,52 @@
+"""Dispatch tables of one MoE layer, built from a placement plan.
+
+Glossary (DESIGN.md): logical expert ``e``, slot ``s`` (one copy of an expert),
+``log2phy [E, R]`` (-1 padded), ``logcnt [E]``, ``slot2rank [S]``. Expert rank ``r``
+holds its slots in slot order; ``slot_local[s]`` is a slot's index among them, which is
+the row of that rank's ``ExpertStack``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Shapes: E = logical experts, R = most replicas of one expert, S = slots."""
+
+    log2phy: torch.Tensor  # int64 [E, R], -1 padded
+    logcnt: torch.Tensor  # int64 [E]
+    slot_rank: torch.Tensor  # int64 [S]
+    slot_local: torch.Tensor  # int64 [S]
+    rank_experts: tuple[tuple[int, ...], ...]  # per rank: logical expert of each local slot
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.rank_experts)
+
+    def to(self, device: torch.device | str) -> "LayerMap":
+        return LayerMap(self.log2phy.to(device), self.logcnt.to(device), self.slot_rank.to(device),
+                        self.slot_local.to(device), self.rank_experts)
+
+
+def layer_maps(plan) -> list[LayerMap]:
+    """One ``LayerMap`` per MoE layer of a ``placement.plan.PlacementPlan``."""
+    maps = []
+    for layer in range(plan.num_layers):
+        slot2rank = np.asarray(plan.slot2rank[layer])
+        local = np.zeros_like(slot2rank)
+        for rank in range(plan.num_ranks):
+            mine = np.flatnonzero(slot2rank == rank)
+            local[mine] = np.arange(len(mine))
+        maps.append(LayerMap(
+            log2phy=torch.tensor(np.asarray(plan.log2phy[layer]), dtype=torch.long),
+            logcnt=torch.tensor(np.asarray(plan.logcnt[layer]), dtype=torch.long),
+            slot_rank=torch.tensor(slot2rank, dtype=torch.long),
+            slot_local=torch.tensor(local, dtype=torch.long),
+            rank_experts=tuple(tuple(int(e) for e in plan.rank_experts(layer, r)) for r in range(plan.num_ranks)),
+        ))
+    return maps

@@ -1,0 +1,58 @@
+"""ExpertWorker: a Ray actor that hosts one expert rank's slots and computes them.
+
+It loads only its own experts' weights, straight from the safetensors shards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import torch.distributed as dist
+
+from workers.dispatch import exchange_combine, exchange_dispatch, row_bytes, run_experts
+from workers.expert_map import LayerMap
+from workers.model.checkpoint import Checkpoint
+from workers.model.experts import ExpertStack
+from workers.rank import RankActor
+from workers.step import WorkerStepStats
+
+
+class ExpertWorker(RankActor):
+    def __init__(self, model_path: str, dtype: torch.dtype, expert_rank: int, maps: list[LayerMap],
+                 moge_groups: int | None = None, threads: int = 1):
+        super().__init__(threads)
+        ckpt = Checkpoint(model_path, moge_groups)
+        config = ckpt.config
+        self.expert_rank, self.dtype = expert_rank, dtype
+        self.hidden, self.top_k = config.hidden_size, config.top_k
+        self.row_bytes = row_bytes(config.hidden_size, config.top_k, dtype)
+        self.stacks: list[ExpertStack] = []
+        for layer, layer_map in zip(config.moe_layer_ids, maps):
+            experts = list(layer_map.rank_experts[expert_rank])
+            gate_up, down = ckpt.expert_weights(layer, experts, dtype)
+            stack = ExpertStack(len(experts), config.hidden_size, config.moe_intermediate_size)
+            stack.load_state_dict({"gate_up": gate_up, "down": down})
+            self.stacks.append(stack.to(self.device).eval())
+
+    def hosted(self) -> list[int]:
+        """Number of expert slots per MoE layer held here."""
+        return [s.num_experts for s in self.stacks]
+
+    @torch.inference_mode()
+    def step(self, step_id: int) -> WorkerStepStats:
+        """Serve every MoE layer of one step. All ranks must call their step together:
+        per layer, dispatch (metadata + tokens) then combine, in layer order."""
+        stats = WorkerStepStats()
+        world = dist.get_world_size(self.group)
+        nothing = torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device)  # expert ranks send no tokens
+        for stack in self.stacks:
+            recv, recv_splits = exchange_dispatch(nothing, [0] * world, self.group)
+            started = time.perf_counter()
+            out, pairs = run_experts(recv, stack, self.hidden, self.top_k, self.dtype)
+            stats.expert_seconds += time.perf_counter() - started
+            stats.pairs.append(pairs)
+            exchange_combine(out, recv_splits, [0] * world, self.group)
+        return stats
+

@@ -1,0 +1,89 @@
+"""FrontEnd: a Ray actor that runs everything but the routed experts.
+
+Embeddings, attention with the KV cache, dense layers, routers, shared experts, final
+norm, LM head and sampling. Per MoE layer it packs the routed tokens by expert rank and
+moves them with one all-to-all each way (``workers/dispatch.py``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from workers.dispatch import exchange_combine, exchange_dispatch, pack, unpack_combine
+from workers.expert_map import LayerMap
+from workers.model.checkpoint import load_model
+from workers.model.router import Routing
+from workers.rank import RankActor
+from workers.runner import ModelRunner
+from workers.stats import LayerTraffic, StepStats
+from workers.step import StepInput, StepOutput
+
+
+class DispatchingExperts:
+    """The front-end's ExpertExecutor: routed experts run on the expert ranks.
+
+    Per MoE layer: 1 metadata all-to-all + 1 dispatch all-to-all + 1 combine all-to-all,
+    in layer order; every expert rank runs the same sequence in ``ExpertWorker.step``.
+    """
+
+    def __init__(self, maps: list[LayerMap], group, expert_base: int, dtype: torch.dtype):
+        self.maps, self.group, self.expert_base, self.dtype = maps, group, expert_base, dtype
+        self.world = dist.get_world_size(group)
+        self.layers: list[LayerTraffic] = []
+        self.seconds = {"dispatch": 0.0, "combine_wait": 0.0}
+
+    def __call__(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        started = time.perf_counter()
+        packed = pack(x, routing.topk_ids, routing.topk_weights, self.maps[moe_index], self.world, self.expert_base)
+        recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, self.group)
+        dispatched = time.perf_counter()
+        back = exchange_combine(x.new_empty(0, x.shape[1]), recv_splits, packed.splits, self.group)
+        out = unpack_combine(back, packed.row_token, x.shape[0])
+        self.seconds["dispatch"] += dispatched - started
+        self.seconds["combine_wait"] += time.perf_counter() - dispatched
+        rows = sum(packed.splits)
+        self.layers.append(LayerTraffic(
+            pairs_per_rank=packed.pairs_per_rank,
+            rows_per_rank=packed.splits[self.expert_base:self.expert_base + self.maps[moe_index].num_ranks],
+            dispatch_bytes=rows * packed.rows.shape[1],
+            combine_bytes=rows * x.shape[1] * x.element_size(),
+            metadata_bytes=self.world * (self.world - 1) * 8,
+            token_collectives=2,
+            metadata_collectives=1,
+        ))
+        return out
+
+
+class FrontEnd(RankActor):
+    def __init__(self, model_path: str, dtype: torch.dtype, maps: list[LayerMap], max_seqs: int,
+                 moge_groups: int | None = None, threads: int = 1, expert_base: int = 1):
+        super().__init__(threads)
+        model = load_model(model_path, dtype, moge_groups, with_experts=False).to(self.device)
+        self.runner = ModelRunner(model, max_seqs, self.device)
+        self.dtype, self.expert_base = dtype, expert_base
+        self.maps = [m.to(self.device) for m in maps]
+
+    def record_trace(self, enabled: bool) -> None:
+        self.runner.record_trace(enabled)
+
+    def save_trace(self, path: str) -> int:
+        self.runner.recorder.save(path)
+        return int(self.runner.recorder.topk_ids.shape[0])
+
+    def expert_loads(self):
+        """Tokens per expert per MoE layer seen since ``record_trace(True)``, or None."""
+        return self.runner.recorder.loads() if self.runner.recorder else None
+
+    def step(self, step: StepInput) -> StepOutput:
+        """One forward pass + sampling. The expert ranks must run ``step`` at the same time."""
+        started = time.perf_counter()
+        experts = DispatchingExperts(self.maps, self.group, self.expert_base, self.dtype)
+        tokens, logits, num_tokens = self.runner.run(step, experts)
+        waited = experts.seconds["dispatch"] + experts.seconds["combine_wait"]
+        seconds = {"attention": time.perf_counter() - started - waited, "dispatch": experts.seconds["dispatch"],
+                   "experts": 0.0, "combine": experts.seconds["combine_wait"]}
+        stats = StepStats(num_tokens, len(step.seqs), experts.layers, seconds)
+        return StepOutput(tokens, stats, logits if step.return_logits else None)

@@ -1,0 +1,89 @@
+"""Runtime statistics: traffic per MoE layer and time per phase, per step and cumulative.
+
+Counts are exact (collectives issued, rows and bytes sent across ranks); times are wall
+clock seconds measured where the work happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PHASES = ("attention", "dispatch", "experts", "combine")
+
+
+@dataclass
+class LayerTraffic:
+    """One MoE layer of one step, as seen by the front-end."""
+
+    pairs_per_rank: list[int]  # (token, expert) pairs each expert rank computed
+    rows_per_rank: list[int]  # token rows each expert rank received (a token is sent once per rank)
+    dispatch_bytes: int  # token rows sent to expert ranks
+    combine_bytes: int  # partial outputs sent back
+    metadata_bytes: int  # split sizes exchanged (all ranks, across ranks only)
+    token_collectives: int  # all-to-alls that carry tokens (2 in the disaggregated layout)
+    metadata_collectives: int  # small split-size exchanges (1)
+
+
+@dataclass
+class StepStats:
+    tokens: int
+    sequences: int
+    layers: list[LayerTraffic]
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    ray_calls: int = 0  # Ray calls the coordinator issued for this step
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class RuntimeStats:
+    """Cumulative view over steps; ``per_step`` keeps every step."""
+
+    def __init__(self):
+        self.per_step: list[StepStats] = []
+
+    def add(self, step: StepStats) -> None:
+        self.per_step.append(step)
+
+    @property
+    def steps(self) -> int:
+        return len(self.per_step)
+
+    def totals(self) -> dict:
+        """Sums over all steps; per-layer lists are summed element-wise."""
+        if not self.per_step:
+            return {}
+        num_layers = len(self.per_step[0].layers)
+        layers = []
+        for index in range(num_layers):
+            rows = [s.layers[index] for s in self.per_step]
+            layers.append({
+                "pairs_per_rank": [sum(v) for v in zip(*(r.pairs_per_rank for r in rows))],
+                "rows_per_rank": [sum(v) for v in zip(*(r.rows_per_rank for r in rows))],
+                **{key: sum(getattr(r, key) for r in rows) for key in
+                   ("dispatch_bytes", "combine_bytes", "metadata_bytes", "token_collectives", "metadata_collectives")},
+            })
+        return {
+            "steps": self.steps,
+            "tokens": sum(s.tokens for s in self.per_step),
+            "ray_calls": sum(s.ray_calls for s in self.per_step),
+            "seconds": {p: sum(s.seconds[p] for s in self.per_step) for p in PHASES},
+            "layers": layers,
+        }
+
+    def table(self, moe_layers: tuple[int, ...]) -> str:
+        from cluster.tables import format_table
+
+        t = self.totals()
+        if not t:
+            return "no steps"
+        steps = max(t["steps"], 1)
+        header = ["layer", "tokens/rank", "rows/rank", "dispatch B", "combine B", "meta B", "a2a/step", "meta/step"]
+        rows = [[layer, "/".join(map(str, L["pairs_per_rank"])), "/".join(map(str, L["rows_per_rank"])),
+                 L["dispatch_bytes"], L["combine_bytes"], L["metadata_bytes"],
+                 f"{L['token_collectives'] / steps:g}", f"{L['metadata_collectives'] / steps:g}"]
+                for layer, L in zip(moe_layers, t["layers"])]
+        total = sum(t["seconds"].values()) or 1.0
+        times = "  ".join(f"{p} {t['seconds'][p]:.3f}s ({100 * t['seconds'][p] / total:.0f}%)" for p in PHASES)
+        return (f"runtime stats: {t['steps']} steps, {t['tokens']} tokens, {t['ray_calls']} Ray calls\n"
+                + format_table(header, rows) + f"\ntime: {times}")

@@ -1,0 +1,46 @@
+"""What the coordinator sends each actor per step, and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.sampling import SamplingParams
+from workers.stats import StepStats
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's part of a step: its pending tokens, fed from position ``start``.
+
+    ``params`` is set on the step a sequence is admitted (its sampler is created then).
+    """
+
+    seq_id: int
+    slot: int
+    tokens: list[int]
+    start: int
+    params: SamplingParams | None = None
+
+
+@dataclass(frozen=True)
+class StepInput:
+    step_id: int
+    seqs: list[SeqStep]
+    return_logits: bool = False
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # one sampled token per sequence, in ``seqs`` order
+    stats: StepStats
+    logits: torch.Tensor | None = None  # [B, V] float32 when asked for
+
+
+@dataclass
+class WorkerStepStats:
+    """What one expert rank did during a step."""
+
+    expert_seconds: float = 0.0
+    pairs: list[int] = field(default_factory=list)  # per MoE layer
