@@ -7,18 +7,23 @@ can be compared with ``diff``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from cluster.config import DeploymentConfigError
 from cluster.tables import format_expert_load
+from placement.errors import PlanError
 from workers.model.errors import RaymoeModelError
 from workers.sampling import SamplingParams, SamplingParamsError
 from workers.scheduler import RequestError
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-moe"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "tiny-moe"
+DEMO_CONFIG = ROOT / "deploy" / "configs" / "tiny.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):"]
 
@@ -43,17 +48,21 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text (single-process reference engine)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face-format model directory")
+    p = sub.add_parser("generate", help="generate text: reference engine, or the distributed runtime with --config")
+    p.add_argument("--config", type=Path, help="deployment YAML: run on the distributed runtime (Ray)")
+    p.add_argument("--model", type=Path, help=f"model directory (default: the config's, else {DEFAULT_MODEL.name})")
+    p.add_argument("--ranks", type=int, help="override the config's expert_ranks")
+    p.add_argument("--plan", type=Path, help="placement plan file from `raymoe plan` (overrides the config)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch)")
     p.add_argument("--prompt-file", type=Path, help="one prompt per line")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids (repeatable); prints token ids back")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the config's, else float32")
     p.add_argument("--moge-groups", type=int, default=None, help="route with MoGE over this many expert groups")
-    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together (reference engine)")
     p.add_argument("--record-trace", type=Path, help="write the routing trace (.npz, see docs/formats.md)")
     p.add_argument("--expert-load", action="store_true", help="print the per-layer expert load to stderr")
+    p.add_argument("--stats", action="store_true", help="print the runtime statistics table to stderr")
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -63,8 +72,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
         prompts += [line.rstrip("\n").replace("\\n", "\n") for line in args.prompt_file.read_text().splitlines()
                     if line.strip()]
-    if not prompts:
-        raise RequestError("prompt", None, "at least one --prompt or a --prompt-file")
+    if not prompts and not args.prompt_ids:
+        raise RequestError("prompt", None, "at least one --prompt, --prompt-ids or a --prompt-file")
     return prompts
 
 
@@ -75,64 +84,95 @@ def _token_prompts(args: argparse.Namespace) -> list[list[int]]:
         raise RequestError("prompt-ids", args.prompt_ids, "comma-separated integers, e.g. 1,2,3") from None
 
 
-def run_reference(args: argparse.Namespace, prompts: list[str], show_load: bool) -> int:
+def deployment_config(args: argparse.Namespace):
+    """The config file with the command line's overrides applied."""
+    from cluster.config import load_config
+
+    config = load_config(args.config)
+    changes = {"model": str(args.model)} if args.model else {}
+    if args.ranks is not None:
+        changes["expert_ranks"] = args.ranks
+    if args.dtype:
+        changes["dtype"] = args.dtype
+    if args.moge_groups is not None:
+        changes["moge_groups"] = args.moge_groups
+    if args.plan:
+        changes["placement"] = dataclasses.replace(config.placement, plan=str(args.plan))
+    return config.replace(**changes)
+
+
+def open_engine(args: argparse.Namespace):
+    """The distributed runtime when --config is given, else the reference engine."""
+    if args.config:
+        from cluster.coordinator import Deployment
+
+        config = deployment_config(args)
+        _log(f"starting {config.layout} deployment: front-end + {config.expert_ranks} expert ranks "
+             f"({config.ray.address or 'embedded Ray'})")
+        return Deployment(config)
     from workers.reference import ReferenceEngine
 
+    return ReferenceEngine.from_pretrained(args.model or DEFAULT_MODEL, DTYPES[args.dtype or "float32"],
+                                           args.moge_groups, max_seqs=args.max_seqs)
+
+
+def run_generation(args: argparse.Namespace, prompts: list[str]) -> int:
     started = time.perf_counter()
-    engine = ReferenceEngine.from_pretrained(args.model, DTYPES[args.dtype], args.moge_groups, max_seqs=args.max_seqs)
-    config = engine.model.config
-    if args.record_trace or show_load:
-        engine.runner.record_trace(True)
-    _log(f"loaded {args.model} ({config.family}, {config.num_layers} layers, {config.num_experts} experts, "
-         f"top-{config.top_k}) in {time.perf_counter() - started:.1f}s")
-    started = time.perf_counter()
-    token_prompts = _token_prompts(args) if getattr(args, "prompt_ids", None) else None
-    if token_prompts:
-        completions = engine.generate_ids(token_prompts, _sampling_params(args))
-    else:
-        completions = engine.generate(prompts, _sampling_params(args))
-    elapsed = time.perf_counter() - started
-    for prompt, completion in zip(prompts or token_prompts, completions):
-        if token_prompts:
-            print(",".join(map(str, completion.output_ids)))
-        else:
-            print(prompt + (completion.text or ""))
-            print()
-    generated = sum(len(c.output_ids) for c in completions)
-    _log(f"{len(completions)} sequences, {generated} new tokens in {elapsed:.2f}s ({generated / elapsed:.1f} tok/s)")
-    if args.record_trace:
-        engine.recorder.save(args.record_trace)
-        _log(f"routing trace: {args.record_trace} ({engine.recorder.topk_ids.shape[0]} tokens)")
-    if show_load:
-        _log(format_expert_load(engine.recorder.loads(), config.moe_layer_ids))
+    engine = open_engine(args)
+    try:
+        config = engine.model_config if args.config else engine.model.config
+        if args.record_trace or args.expert_load:
+            engine.record_trace(True)
+        _log(f"ready in {time.perf_counter() - started:.1f}s: {config.family}, {config.num_layers} layers, "
+             f"{config.num_experts} experts, top-{config.top_k}")
+        started = time.perf_counter()
+        params = _sampling_params(args)
+        token_prompts = _token_prompts(args)
+        completions = engine.generate_ids(token_prompts, params) if token_prompts else engine.generate(prompts, params)
+        elapsed = time.perf_counter() - started
+        for prompt, completion in zip(prompts or token_prompts, completions):
+            if token_prompts:
+                print(",".join(map(str, completion.output_ids)))
+            else:
+                print(prompt + (completion.text or ""))
+                print()
+        generated = sum(len(c.output_ids) for c in completions)
+        _log(f"{len(completions)} sequences, {generated} new tokens in {elapsed:.2f}s "
+             f"({generated / elapsed:.1f} tok/s)")
+        if args.record_trace:
+            _log(f"routing trace: {args.record_trace} ({engine.save_trace(args.record_trace)} tokens)")
+        if args.expert_load:
+            _log(format_expert_load(engine.expert_loads(), config.moe_layer_ids))
+        if args.stats:
+            _log(engine.stats.table(config.moe_layer_ids))
+    finally:
+        if args.config:
+            engine.shutdown()
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompts = [] if args.prompt_ids and not (args.prompt or args.prompt_file) else _prompts(args)
-    return run_reference(args, prompts, args.expert_load)
+    return run_generation(args, _prompts(args))
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="generate with the shipped tiny model and show its expert load")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p = sub.add_parser("demo", help="the shipped tiny model on the distributed runtime (embedded Ray)")
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    ns = argparse.Namespace(model=args.model, dtype="float32", moge_groups=None, max_seqs=16, record_trace=None,
-                            max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
-                            stop=[], ignore_eos=False)
-    _log("raymoe demo: reference engine, greedy decoding")
-    return run_reference(ns, DEMO_PROMPTS, show_load=True)
+    parser = build_parser()
+    argv = ["generate", "--config", str(args.config), "--max-new-tokens", str(args.max_new_tokens),
+            "--expert-load", "--stats"] + [a for p in DEMO_PROMPTS for a in ("--prompt", p)]
+    _log("raymoe demo: the tiny MoE trained on Python's standard library, greedy decoding, "
+         "front-end + expert ranks on the embedded Ray")
+    return run_generation(parser.parse_args(argv), DEMO_PROMPTS)
 
 
 def _add_plan(sub) -> None:
-    try:
-        from placement import cli as plan_cli
-    except ImportError:  # TEMP until placement lands
-        return
+    from placement import cli as plan_cli
 
     p = sub.add_parser("plan", help="plan expert placement from a routing trace or loads")
     plan_cli.add_arguments(p)
@@ -152,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RaymoeModelError, SamplingParamsError, RequestError) as exc:
+    except (RaymoeModelError, SamplingParamsError, RequestError, DeploymentConfigError, PlanError) as exc:
         _log(f"raymoe: error: {exc}")
         return 2
 

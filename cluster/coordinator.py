@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_plan(config: DeploymentConfig, num_moe_layers: int, num_experts: int):
     """The placement plan the config asks for, checked against the model."""
-    from placement import PlacementPlan, build_plan
+    from placement.plan import PlacementPlan, build_plan
 
     if config.placement.plan:
         plan = PlacementPlan.load(config.placement.plan)
@@ -146,4 +146,9 @@ class Deployment(Engine):
         ray.get(self.frontend.record_trace.remote(enabled))
 
     def save_trace(self, path: str) -> int:
+        """Write the routing trace (docs/formats.md); returns the number of tokens in it."""
         return ray.get(self.frontend.save_trace.remote(str(path)))
+
+    def expert_loads(self):
+        """Tokens per expert per MoE layer ``[L, E]`` since ``record_trace()``."""
+        return ray.get(self.frontend.expert_loads.remote())

@@ -41,7 +41,7 @@ def encode_rows(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor)
     """``x [N, D]``, ``local_ids [N, A]`` int32, ``weights [N, A]`` float32 -> uint8 ``[N, row_bytes]``."""
     n = x.shape[0]
     parts = (x.contiguous(), local_ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous())
-    return torch.cat([p.view(torch.uint8).reshape(n, -1) for p in parts], dim=1)
+    return torch.cat([p.view(torch.uint8).reshape(n, p.shape[1] * p.element_size()) for p in parts], dim=1)
 
 
 def decode_rows(buf: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):

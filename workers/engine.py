@@ -24,6 +24,16 @@ class Completion:
     finish_reason: str
 
 
+@dataclass
+class StepResult:
+    """What one step produced: the token each running request got (by request id), the
+    requests that finished, and (when asked for) each request's logits ``[V]``."""
+
+    tokens: dict[str, int]
+    finished: list[Completion]
+    logits: dict[str, torch.Tensor]
+
+
 class QueueFullError(RuntimeError):
     """More requests are waiting than the engine's queue limit allows."""
 
@@ -62,27 +72,35 @@ class Engine:
             raise QueueFullError(waiting, self.max_queue)
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else str(seq_id)
-        self.scheduler.add(Request(request_id, list(prompt_ids), params))
+        self.scheduler.add(Request(request_id, list(prompt_ids), params.with_seed()))
         self._seq_of[request_id] = seq_id
         return request_id
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self, return_logits: bool = False) -> tuple[list[Completion], dict[str, torch.Tensor]]:
-        """Run one step over every running sequence. Returns the requests that finished
-        and, with ``return_logits``, each sequence's last-token logits ``[V]`` by request id."""
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request (e.g. its client went away); frees its KV-cache slot."""
+        found = any(r.request_id == request_id for r in self.scheduler.waiting) or any(
+            s.request.request_id == request_id for s in self.scheduler.running)
+        self.scheduler.abort(request_id)
+        self._seq_of.pop(request_id, None)
+        return found
+
+    def step(self, return_logits: bool = False) -> StepResult:
+        """Run one step over every running sequence."""
         seqs = self.scheduler.schedule()
         if not seqs:
-            return [], {}
+            return StepResult({}, [], {})
         out = self._execute(StepInput(next(self._step_ids), [self._seq_step(s) for s in seqs], return_logits))
-        logits = {s.request.request_id: out.logits[i] for i, s in enumerate(seqs)} if return_logits else {}
-        return [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)], logits
+        ids = [s.request.request_id for s in seqs]
+        logits = {rid: out.logits[i] for i, rid in enumerate(ids)} if return_logits else {}
+        finished = [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)]
+        return StepResult(dict(zip(ids, out.tokens)), finished, logits)
 
     def _seq_step(self, seq: Sequence) -> SeqStep:
-        new = seq.cached == 0
         return SeqStep(self._seq_of[seq.request.request_id], seq.slot, seq.pending, seq.cached,
-                       seq.request.params if new else None)
+                       len(seq.output_ids), seq.request.params)
 
     def _completion(self, seq: Sequence) -> Completion:
         self._seq_of.pop(seq.request.request_id, None)
@@ -95,7 +113,7 @@ class Engine:
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         done: dict[str, Completion] = {}
         while self.has_work():
-            for completion in self.step()[0]:
+            for completion in self.step().finished:
                 done[completion.request_id] = completion
         return [done[i] for i in ids]
 

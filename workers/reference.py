@@ -54,6 +54,18 @@ class ReferenceEngine(Engine):
     def recorder(self):
         return self.runner.recorder
 
+    def record_trace(self, enabled: bool = True) -> None:
+        self.runner.record_trace(enabled)
+
+    def save_trace(self, path: str | Path) -> int:
+        """Write the routing trace (docs/formats.md); returns the number of tokens in it."""
+        self.recorder.save(path)
+        return int(self.recorder.topk_ids.shape[0])
+
+    def expert_loads(self):
+        """Tokens per expert per MoE layer ``[L, E]`` since ``record_trace()``."""
+        return self.recorder.loads()
+
     def _execute(self, step: StepInput) -> StepOutput:
         started = time.perf_counter()
         tokens, logits, num_tokens = self.runner.run(step)

@@ -1,12 +1,14 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded.
 
-Every request draws from its own ``torch.Generator``, so a seeded request gives the same
-tokens whatever else shares its batch.
+Sampling is stateless: the n-th generated token of a request is drawn with a generator
+seeded from ``(seed, n)``. A seeded request therefore gives the same tokens whatever
+else shares its batch and whichever process samples it (any rank of the coherent
+layout, or a replay after a fault). Engines give unseeded requests a random seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -52,13 +54,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self) -> torch.Generator:
-        g = torch.Generator()
+    def with_seed(self) -> "SamplingParams":
+        """These params with a random seed filled in, if none was given."""
         if self.seed is not None:
-            g.manual_seed(self.seed)
-        else:
-            g.seed()
-        return g
+            return self
+        return replace(self, seed=int(torch.randint(0, 2**62, (1,)).item()))
+
+
+def token_generator(seed: int, index: int) -> torch.Generator:
+    """The generator for the ``index``-th generated token of a request seeded ``seed``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
 
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -78,13 +83,15 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of ``logits [B, V]``."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
+    """One token per row of ``logits [B, V]``; ``indices[b]`` is how many tokens row b's
+    request has generated before this one (seeded requests only)."""
     greedy = logits.argmax(dim=-1).tolist()
     out = []
-    for row, (p, g) in enumerate(zip(params, generators)):
+    for row, (p, index) in enumerate(zip(params, indices)):
         if p.greedy:
             out.append(greedy[row])
         else:
-            out.append(int(torch.multinomial(_filtered_probs(logits[row], p), 1, generator=g)))
+            probs = _filtered_probs(logits[row].float().cpu(), p)
+            out.append(int(torch.multinomial(probs, 1, generator=token_generator(p.seed, index))))
     return out

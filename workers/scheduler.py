@@ -104,6 +104,19 @@ class Scheduler:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
 
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a request, waiting or running (its slot is freed); the aborted running
+        sequence, if there was one."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return None
+        for seq in self.running:
+            if seq.request.request_id == request_id:
+                self.release(seq, "abort")
+                return seq
+        return None
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.request.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:

@@ -12,16 +12,15 @@ from workers.stats import StepStats
 
 @dataclass(frozen=True)
 class SeqStep:
-    """One sequence's part of a step: its pending tokens, fed from position ``start``.
-
-    ``params`` is set on the step a sequence is admitted (its sampler is created then).
-    """
+    """One sequence's part of a step: its pending tokens, fed from position ``start``;
+    ``generated`` tokens of it were sampled before this step."""
 
     seq_id: int
     slot: int
     tokens: list[int]
     start: int
-    params: SamplingParams | None = None
+    generated: int
+    params: SamplingParams
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,27 @@ def test_cli_reports_bad_input_without_traceback(model_dir, capsys):
     (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["generate", "--model", str(bad), "--prompt", "x"]) == 2
     assert "model_type" in capsys.readouterr().err
+
+
+def test_streamed_tokens_add_up_to_the_completion(engine):
+    small = ReferenceEngine(engine.model, engine.tokenizer, max_seqs=2)
+    ids = [small.add_request(p, SamplingParams(max_new_tokens=6, temperature=0.9, ignore_eos=True)) for p in PROMPTS[:3]]
+    streamed, done = {i: [] for i in ids}, {}
+    while small.has_work():
+        result = small.step()
+        for rid, token in result.tokens.items():
+            streamed[rid].append(token)
+        done.update({c.request_id: c.output_ids for c in result.finished})
+    assert streamed == done and all(len(v) == 6 for v in done.values())
+
+
+def test_abort_frees_the_slot_for_the_next_request(engine):
+    small = ReferenceEngine(engine.model, max_seqs=1)
+    first = small.add_request(PROMPTS[0], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    second = small.add_request(PROMPTS[1], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    small.step()
+    assert small.scheduler.free_slots == [] and len(small.scheduler.waiting) == 1
+    assert small.abort(first) and not small.abort("no-such-request")
+    assert small.scheduler.free_slots == [0]
+    result = small.step()
+    assert list(result.tokens) == [second]

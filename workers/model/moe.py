@@ -35,7 +35,7 @@ class MoEBlock(nn.Module):
         """Routed experts on this process: ``x [T, D]`` -> combined output ``[T, D]``."""
         tokens, top_k = routing.topk_ids.shape
         rows = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
-        out = self.experts(x[rows], routing.topk_ids.reshape(-1)).view(tokens, top_k, -1)
+        out = self.experts(x[rows], routing.topk_ids.reshape(-1)).view(tokens, top_k, x.shape[1])
         return combine(out, routing.topk_weights)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,181 @@
+"""The distributed runtime against the reference engine, token for token, on a real
+local Ray instance with real gloo collectives."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import ray
+import torch
+
+from cluster.config import DeploymentConfigError, parse_config
+from cluster.coordinator import Deployment
+from tests.plans import linear_plan, random_plan
+from tests.tiny_models import save_tiny_model
+from workers.engine import Engine
+from workers.model.errors import CheckpointError
+from workers.reference import ReferenceEngine
+from workers.sampling import SamplingParams
+
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3], [60, 61, 62, 63, 9, 8, 70, 71, 72, 3, 4]]
+LATE = {2: [[44, 45, 46]], 5: [[7, 7, 8, 9, 10, 11]]}  # step -> prompts that arrive then
+GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    paths = {}
+    for family in ("mixtral", "qwen2_moe", "deepseek_v3"):
+        paths[family] = tmp_path_factory.mktemp(family)
+        save_tiny_model(family, paths[family], seed=11)
+    return paths
+
+
+def deployment(path, ranks: int, plan=None, **overrides) -> Deployment:
+    config = parse_config({"model": str(path), "expert_ranks": ranks, "resources": {"cpus_per_actor": 0.1},
+                           "batching": {"max_seqs": 4}, **overrides})
+    return Deployment(config, plan)
+
+
+def lockstep(ref: Engine, dep: Engine, prompts=PROMPTS, late=LATE, params=GREEDY) -> int:
+    """Drive both engines with the same requests, the late ones arriving mid-decode;
+    every step's sampled logits must agree. Returns the number of steps."""
+    for p in prompts:
+        assert ref.add_request(p, params) == dep.add_request(p, params)
+    done_ref, done_dep, steps = {}, {}, 0
+    while ref.has_work() or dep.has_work():
+        for p in late.get(steps, []):
+            ref.add_request(p, params)
+            dep.add_request(p, params)
+        a, b = ref.step(return_logits=True), dep.step(return_logits=True)
+        assert a.logits.keys() == b.logits.keys() and a.tokens == b.tokens
+        for rid in a.logits:
+            torch.testing.assert_close(b.logits[rid], a.logits[rid], atol=1e-5, rtol=0)
+        done_ref.update({c.request_id: c.output_ids for c in a.finished})
+        done_dep.update({c.request_id: c.output_ids for c in b.finished})
+        steps += 1
+    assert done_dep == done_ref and len(done_ref) == len(prompts) + sum(map(len, late.values()))
+    return steps
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_mixtral_equals_reference_for_any_rank_count(ray_session, models, ranks):
+    """6 experts: 4 ranks do not divide them (2/2/1/1 slots)."""
+    ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
+    with deployment(models["mixtral"], ranks, linear_plan(6, ranks, 3)) as dep:
+        assert lockstep(ref, dep) > 10
+
+
+def test_replicated_experts_equal_reference(ray_session, models):
+    plan = random_plan(6, 3, 2, seed=4, layers=3)  # 8 slots: two experts have a second copy
+    assert (plan.logcnt == 2).sum() == 6
+    ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
+    with deployment(models["mixtral"], 3, plan) as dep:
+        lockstep(ref, dep)
+        pairs = dep.stats.totals()["layers"][0]["pairs_per_rank"]
+        assert all(p > 0 for p in pairs)
+
+
+@pytest.mark.parametrize("family,ranks", [("qwen2_moe", 2), ("deepseek_v3", 3)])
+def test_shared_experts_dense_layers_and_grouped_routing(ray_session, models, family, ranks):
+    ref = ReferenceEngine.from_pretrained(models[family], max_seqs=4)
+    with deployment(models[family], ranks, placement={"policy": "round_robin"}) as dep:
+        assert dep.plan.policy == "round_robin"
+        lockstep(ref, dep)
+
+
+def test_counts_collectives_bytes_and_ray_calls(ray_session, models):
+    """2 token-carrying all-to-alls + 1 metadata exchange per MoE layer per step, one Ray
+    call per actor per step, and bytes equal to what the recorded routing implies."""
+    ranks = 3
+    plan = linear_plan(6, ranks, 3)
+    with deployment(models["mixtral"], ranks, plan) as dep:
+        dep.record_trace()
+        dep.generate_ids(PROMPTS, GREEDY)
+        trace_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"raymoe-trace-{os.getpid()}.npz")
+        tokens = dep.save_trace(trace_path)
+        stats = dep.stats
+    import numpy as np
+
+    trace = np.load(trace_path)
+    os.unlink(trace_path)
+    assert tokens == sum(s.tokens for s in stats.per_step)
+    hidden, top_k, world = 32, 2, ranks + 1
+    row_bytes = hidden * 4 + 8 * top_k
+    for step in stats.per_step:
+        assert step.ray_calls == 1 + ranks
+        assert [(L.token_collectives, L.metadata_collectives) for L in step.layers] == [(2, 1)] * 3
+    for layer, totals in enumerate(dep.stats.totals()["layers"]):
+        ranks_of = plan.slot2rank[layer][np.argsort(plan.phy2log[layer])][trace["topk_ids"][:, layer]]  # [T, A]
+        rows = sum(len(set(r)) for r in ranks_of.tolist())
+        assert totals["rows_per_rank"] == [int((ranks_of == r).any(1).sum()) for r in range(ranks)]
+        assert totals["pairs_per_rank"] == np.bincount(ranks_of.ravel(), minlength=ranks).tolist()
+        assert totals["dispatch_bytes"] == rows * row_bytes
+        assert totals["combine_bytes"] == rows * hidden * 4
+        assert totals["metadata_bytes"] == stats.steps * world * (world - 1) * 8
+
+
+def _port_free(address: str) -> bool:
+    """No process listens on the port any more (connections in TIME_WAIT may remain)."""
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+            return True
+        except OSError:
+            return False
+
+
+def test_shutdown_mid_generation_leaves_no_actors_or_ports(ray_session, models):
+    dep = deployment(models["mixtral"], 2, linear_plan(6, 2, 3))
+    pids = [w["pid"] for w in ray.get([a.where.remote() for a in dep.actors])]
+    actors = list(dep.actors)
+    for p in PROMPTS:
+        dep.add_request(p, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    dep.step()
+    dep.step()
+    assert dep.has_work()
+    dep.shutdown()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.where.remote(), timeout=30)
+    assert _port_free(dep.rendezvous)
+    # and the next deployment in this process starts cleanly
+    with deployment(models["mixtral"], 1, linear_plan(6, 1, 3)) as again:
+        assert len(again.generate_ids([[1, 2, 3]], GREEDY)[0].output_ids) == 10
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, its parent just has not reaped it
+        return f.read().split()[2] != "Z"
+
+
+def test_missing_shard_fails_before_any_actor_starts(ray_session, tmp_path):
+    save_tiny_model("mixtral", tmp_path, max_shard_size="30KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    before = len(ray.util.list_named_actors(all_namespaces=True))
+    started = time.time()
+    with pytest.raises(CheckpointError, match=shard.name):
+        deployment(tmp_path, 2)
+    assert time.time() - started < 5  # reported by the driver, not by a failed actor
+    assert len(ray.util.list_named_actors(all_namespaces=True)) == before
+
+
+def test_plan_must_match_the_model(ray_session, models):
+    with pytest.raises(DeploymentConfigError, match="num_experts"):
+        deployment(models["mixtral"], 2, linear_plan(8, 2, 3))
+    with pytest.raises(DeploymentConfigError, match="num_ranks"):
+        deployment(models["mixtral"], 3, linear_plan(6, 2, 3))

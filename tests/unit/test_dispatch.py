@@ -1,0 +1,155 @@
+"""The data plane: pack -> all-to-all -> expert compute -> all-to-all -> combine.
+
+Property tests run the local phases with the exchange done by hand (slicing by split
+sizes is what ``all_to_all_single`` does); one test runs them over a real gloo group
+of several processes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.plans import random_plan
+from workers.dispatch import decode_rows, encode_rows, pack, run_experts, unpack_combine
+from workers.expert_map import layer_maps
+from workers.model.config import RouterConfig
+from workers.model.experts import ExpertStack, combine
+from workers.model.router import select_experts
+
+
+def full_stack(num_experts: int, hidden: int, width: int, seed: int) -> ExpertStack:
+    g = torch.Generator().manual_seed(seed)
+    stack = ExpertStack(num_experts, hidden, width)
+    stack.load_state_dict({"gate_up": torch.randn(num_experts, 2 * width, hidden, generator=g) * 0.3,
+                           "down": torch.randn(num_experts, hidden, width, generator=g) * 0.3})
+    return stack
+
+
+def rank_stack(full: ExpertStack, experts: tuple[int, ...]) -> ExpertStack:
+    stack = ExpertStack(len(experts), full.gate_up.shape[2], full.down.shape[2])
+    idx = torch.tensor(experts, dtype=torch.long)
+    stack.load_state_dict({"gate_up": full.gate_up.data[idx], "down": full.down.data[idx]})
+    return stack
+
+
+@st.composite
+def cases(draw):
+    ranks = draw(st.integers(1, 5))
+    experts = draw(st.integers(ranks, 12))
+    top_k = draw(st.integers(1, min(4, experts)))
+    redundant = draw(st.integers(0, ranks - 1))
+    tokens = draw(st.integers(1, 24))
+    return ranks, experts, top_k, redundant, tokens, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_dispatch_compute_combine_equals_local_experts(case):
+    ranks, experts, top_k, redundant, tokens, seed = case
+    hidden, width = 8, 12
+    plan = random_plan(experts, ranks, redundant, seed)
+    layer_map = layer_maps(plan)[0]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    routing = select_experts(torch.randn(tokens, experts, generator=g), RouterConfig(experts, top_k))
+    full = full_stack(experts, hidden, width, seed)
+    # front-end: rank 0; expert ranks 1..R
+    packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map, ranks + 1, 1)
+    assert packed.splits[0] == 0 and sum(packed.splits) == packed.rows.shape[0]
+    # every (token, rank) pair is sent once: rows == distinct ranks among each token's experts
+    outputs, start = [], 0
+    for r in range(ranks):
+        rows = packed.rows[start:start + packed.splits[1 + r]]
+        start += packed.splits[1 + r]
+        out, pairs = run_experts(rows, rank_stack(full, layer_map.rank_experts[r]), hidden, top_k, x.dtype)
+        assert pairs == packed.pairs_per_rank[r]
+        outputs.append(out)
+    assert sum(packed.pairs_per_rank) == tokens * top_k
+    got = unpack_combine(torch.cat(outputs), packed.row_token, tokens)
+    rows_idx = torch.arange(tokens).repeat_interleave(top_k)
+    want = combine(full(x[rows_idx], routing.topk_ids.reshape(-1)).view(tokens, top_k, hidden), routing.topk_weights)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_pack_sends_each_token_once_per_rank_and_spreads_replicas(case):
+    ranks, experts, top_k, redundant, tokens, seed = case
+    plan = random_plan(experts, ranks, redundant, seed)
+    layer_map = layer_maps(plan)[0]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 6, generator=g)
+    routing = select_experts(torch.randn(tokens, experts, generator=g), RouterConfig(experts, top_k))
+    packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map, ranks, 0)
+    xs, ids, weights = decode_rows(packed.rows, 6, top_k, x.dtype)
+    torch.testing.assert_close(xs, x[packed.row_token], rtol=0, atol=0)
+    row_rank = torch.repeat_interleave(torch.arange(ranks), torch.tensor(packed.splits))
+    seen = set()
+    for row in range(len(xs)):
+        token, rank = int(packed.row_token[row]), int(row_rank[row])
+        assert (token, rank) not in seen
+        seen.add((token, rank))
+        for k in torch.nonzero(ids[row] >= 0).flatten().tolist():
+            expert = int(routing.topk_ids[token, k])
+            replica = token % int(layer_map.logcnt[expert])
+            slot = int(layer_map.log2phy[expert, replica])
+            assert int(layer_map.slot_rank[slot]) == rank and int(layer_map.slot_local[slot]) == int(ids[row, k])
+            assert float(weights[row, k]) == float(routing.topk_weights[token, k])
+    assert seen == {(t, int(layer_map.slot_rank[layer_map.log2phy[e, t % layer_map.logcnt[e]]]))
+                    for t in range(tokens) for e in routing.topk_ids[t].tolist()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_encoding_round_trips_bits(dtype):
+    x = torch.randn(5, 7).to(dtype)
+    ids = torch.tensor([[0, -1], [3, 2], [-1, 1], [7, 7], [0, 0]], dtype=torch.int32)
+    w = torch.rand(5, 2)
+    x2, ids2, w2 = decode_rows(encode_rows(x, ids, w), 7, 2, dtype)
+    assert torch.equal(x2, x) and torch.equal(ids2, ids.long()) and torch.equal(w2, w)
+
+
+def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
+    import torch.distributed as dist
+
+    from workers.dispatch import exchange_combine, exchange_dispatch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    experts, top_k, hidden = 7, 2, 8
+    plan = random_plan(experts, world - 1, 2, seed)
+    layer_map = layer_maps(plan)[0]
+    full = full_stack(experts, hidden, 10, seed)
+    for tokens in (9, 1, 0):  # the last step sends nothing at all
+        g = torch.Generator().manual_seed(seed + tokens)
+        x = torch.randn(tokens, hidden, generator=g)
+        routing = select_experts(torch.randn(tokens, experts, generator=g), RouterConfig(experts, top_k))
+        if rank == 0:
+            packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map, world, 1)
+            recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, group)
+            back = exchange_combine(x.new_empty(0, hidden), recv_splits, packed.splits, group)
+            got = unpack_combine(back, packed.row_token, tokens)
+            rows = torch.arange(tokens).repeat_interleave(top_k)
+            want = combine(full(x[rows], routing.topk_ids.reshape(-1)).view(tokens, top_k, hidden), routing.topk_weights)
+            results.put((tokens, bool(torch.allclose(got, want, atol=1e-6)), recv.shape[0]))
+        else:
+            nothing = torch.empty(0, hidden * 4 + 8 * top_k, dtype=torch.uint8)
+            recv, recv_splits = exchange_dispatch(nothing, [0] * world, group)
+            out, _ = run_experts(recv, rank_stack(full, layer_map.rank_experts[rank - 1]), hidden, top_k, x.dtype)
+            exchange_combine(out, recv_splits, [0] * world, group)
+    dist.destroy_process_group()
+
+
+def test_round_trip_over_real_gloo_collectives():
+    from cluster.process_group import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    world = 4
+    mp.start_processes(_gloo_worker, args=(world, free_port("127.0.0.1"), 5, results), nprocs=world,
+                       start_method="spawn")
+    got = sorted(results.get(timeout=5) for _ in range(3))
+    assert got == [(0, True, 0), (1, True, 0), (9, True, 0)]
