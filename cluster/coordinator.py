@@ -8,6 +8,7 @@ collectives among themselves. Requests join between steps and leave when they fi
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import ray
@@ -18,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.bootstrap import cluster_gpus, connect, create_placement_group
 from cluster.config import DeploymentConfig, DeploymentConfigError
 from cluster.process_group import pick_backend
+from workers.coherent import CoherentRank
 from workers.experts import ExpertWorker
 from workers.expert_map import layer_maps
 from workers.frontend import FrontEnd
@@ -25,7 +27,7 @@ from workers.engine import Engine
 from workers.model.checkpoint import Checkpoint
 from workers.reference import eos_ids
 from workers.scheduler import Scheduler
-from workers.stats import RuntimeStats
+from workers.stats import LayerTraffic, RuntimeStats, StepStats
 from workers.step import StepInput, StepOutput
 from workers.tokenizer import load_tokenizer
 
@@ -89,7 +91,7 @@ class Deployment(Engine):
     def _start_actors(self) -> None:
         c, res = self.config, self.config.resources
         gpus = (1.0 if cluster_gpus() > 0 else 0.0) if res.gpus_per_actor == "auto" else float(res.gpus_per_actor)
-        world = 1 + c.expert_ranks
+        world = c.expert_ranks + (c.layout == "disaggregated")
         bundle = {"CPU": res.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
         self.placement_group = create_placement_group([dict(bundle) for _ in range(world)], c.ray.strategy)
 
@@ -98,21 +100,26 @@ class Deployment(Engine):
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index))
 
         maps = layer_maps(self.plan)
-        self.frontend = ray.remote(FrontEnd).options(**options(0)).remote(
-            c.model, self.dtype, maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor, 1)
-        self.workers = [
-            ray.remote(ExpertWorker).options(**options(1 + r)).remote(
-                c.model, self.dtype, r, maps, c.moge_groups, res.threads_per_actor)
-            for r in range(c.expert_ranks)
-        ]
-        self.actors = [self.frontend, *self.workers]
-        address = ray.get(self.frontend.rendezvous.remote())
+        if c.layout == "coherent":  # every rank is a front-end and an expert rank
+            self.actors = [ray.remote(CoherentRank).options(**options(r)).remote(
+                c.model, self.dtype, r, maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor)
+                for r in range(c.expert_ranks)]
+        else:
+            self.frontend = ray.remote(FrontEnd).options(**options(0)).remote(
+                c.model, self.dtype, maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor, 1)
+            self.workers = [
+                ray.remote(ExpertWorker).options(**options(1 + r)).remote(
+                    c.model, self.dtype, r, maps, c.moge_groups, res.threads_per_actor)
+                for r in range(c.expert_ranks)
+            ]
+            self.actors = [self.frontend, *self.workers]
+        address = ray.get(self.actors[0].rendezvous.remote())
         backend = pick_backend(c.backend) if gpus else "gloo"
         ray.get([a.join.remote(backend, address, rank, world, c.collective_timeout_s)
                  for rank, a in enumerate(self.actors)])
         self.rendezvous = address
-        log.info("deployment up: front-end + %d expert ranks, backend %s, rendezvous %s",
-                 c.expert_ranks, backend, address)
+        log.info("%s deployment up: %d expert ranks, backend %s, rendezvous %s",
+                 c.layout, c.expert_ranks, backend, address)
 
     def shutdown(self) -> None:
         """Kill the actors (ending their process-group membership) and free the placement group."""
@@ -132,6 +139,8 @@ class Deployment(Engine):
     # -- one step ------------------------------------------------------------------
     def _execute(self, step: StepInput) -> StepOutput:
         """Exactly one Ray call per actor; the actors then run the step's collectives."""
+        if self.config.layout == "coherent":
+            return self._execute_coherent(step)
         refs = [self.frontend.step.remote(step)] + [w.step.remote(step.step_id) for w in self.workers]
         out, *worker_stats = ray.get(refs)
         expert_seconds = max((w.expert_seconds for w in worker_stats), default=0.0)
@@ -141,8 +150,28 @@ class Deployment(Engine):
         self.stats.add(out.stats)
         return out
 
+    def _execute_coherent(self, step: StepInput) -> StepOutput:
+        outs = ray.get([rank.step.remote(step) for rank in self.actors])
+        tokens = {b: t for out in outs for b, t in out.tokens.items()}
+        assert sorted(tokens) == list(range(len(step.seqs))), "every sequence is sampled on exactly one rank"
+        layers = [functools.reduce(LayerTraffic.add, per_rank) for per_rank in zip(*(o.layers for o in outs))]
+        stats = StepStats(sum(len(s.tokens) for s in step.seqs), len(step.seqs), layers,
+                          ray_calls=len(outs), coherence_bytes=sum(o.coherence_bytes for o in outs),
+                          coherence_collectives=outs[0].coherence_collectives)
+        for phase in ("attention", "dispatch", "coherence"):
+            stats.seconds[phase] = max(o.seconds[phase] for o in outs)
+        self.stats.add(stats)
+        logits = None
+        if step.return_logits:
+            merged = {b: v for out in outs for b, v in out.logits.items()}
+            logits = torch.stack([merged[b] for b in range(len(step.seqs))])
+        return StepOutput([tokens[b] for b in range(len(step.seqs))], stats, logits)
+
     # -- traces ----------------------------------------------------------------------
     def record_trace(self, enabled: bool = True) -> None:
+        if self.config.layout == "coherent":
+            raise DeploymentConfigError("layout", "coherent", "record routing traces with the disaggregated layout "
+                                        "or the reference engine (the routing is the same)")
         ray.get(self.frontend.record_trace.remote(enabled))
 
     def save_trace(self, path: str) -> int:

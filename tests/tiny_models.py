@@ -90,3 +90,37 @@ def save_char_tokenizer(path: Path) -> None:
     tok.add_special_tokens(["</s>"])
     tok.save(str(Path(path) / "tokenizer.json"))
     (Path(path) / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "add_bos_token": False}))
+
+
+def save_planted_affinity_model(path: Path, num_experts: int = 4, layers: int = 3, seed: int = 0) -> list[list[int]]:
+    """A top-1 Mixtral whose routing has planted inter-layer affinity: expert ``e`` at
+    MoE layer 0 is always followed by ``perms[l][e]`` at layer l.
+
+    Attention adds nothing (``o_proj`` = 0) and experts add little, so every layer sees
+    (almost) the embedding; layer l's router is layer 0's with its rows permuted, with
+    large margins. Returns ``perms`` (``perms[0]`` is the identity).
+    """
+    from workers.model.decoder import MoEForCausalLM
+    from workers.model.export import save_checkpoint
+    from workers.model.families import parse_config
+
+    config = parse_config({"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
+                           "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+                           "num_local_experts": num_experts, "num_experts_per_tok": 1,
+                           "max_position_embeddings": 256})
+    g = torch.Generator().manual_seed(seed)
+    model = MoEForCausalLM(config)
+    perms = [list(range(num_experts))] + [torch.randperm(num_experts, generator=g).tolist() for _ in range(layers - 1)]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+        router0 = torch.randn(num_experts, 32, generator=g) * 3.0
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.experts.down.mul_(1e-4)
+            inverse = torch.argsort(torch.tensor(perms[index]))
+            layer.mlp.gate.weight.copy_(router0[inverse])  # row perms[l][e] of layer l is row e of layer 0
+    save_checkpoint(model, path)
+    return perms

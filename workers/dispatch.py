@@ -37,20 +37,34 @@ def row_bytes(hidden: int, top_k: int, dtype: torch.dtype) -> int:
     return hidden * torch.finfo(dtype).bits // 8 + 8 * top_k
 
 
+def pack_parts(*parts: torch.Tensor) -> torch.Tensor:
+    """2-D tensors with N rows each (any dtypes) -> one uint8 ``[N, bytes]`` buffer, row by row."""
+    n = parts[0].shape[0]
+    widths = [p.shape[1] * p.element_size() for p in parts]
+    if n == 0:  # an empty tensor may carry strides that refuse a byte view
+        return torch.empty(0, sum(widths), dtype=torch.uint8, device=parts[0].device)
+    return torch.cat([p.contiguous().view(torch.uint8).reshape(n, w) for p, w in zip(parts, widths)], 1)
+
+
+def unpack_parts(buf: torch.Tensor, spec: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    """Inverse of ``pack_parts``: ``spec`` lists (dtype, columns) of each part, in order."""
+    out, start = [], 0
+    for dtype, columns in spec:
+        width = columns * (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
+        out.append(buf[:, start : start + width].contiguous().view(dtype))
+        start += width
+    return out
+
+
 def encode_rows(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``x [N, D]``, ``local_ids [N, A]`` int32, ``weights [N, A]`` float32 -> uint8 ``[N, row_bytes]``."""
-    n = x.shape[0]
-    parts = (x.contiguous(), local_ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous())
-    return torch.cat([p.view(torch.uint8).reshape(n, p.shape[1] * p.element_size()) for p in parts], dim=1)
+    return pack_parts(x, local_ids.to(torch.int32), weights.to(torch.float32))
 
 
 def decode_rows(buf: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
     """Inverse of ``encode_rows``: ``x [N, D]``, ``local_ids [N, A]`` int64, ``weights [N, A]``."""
-    x_bytes = hidden * torch.finfo(dtype).bits // 8
-    x = buf[:, :x_bytes].contiguous().view(dtype)
-    ids = buf[:, x_bytes : x_bytes + 4 * top_k].contiguous().view(torch.int32).long()
-    weights = buf[:, x_bytes + 4 * top_k :].contiguous().view(torch.float32)
-    return x, ids, weights
+    x, ids, weights = unpack_parts(buf, [(dtype, hidden), (torch.int32, top_k), (torch.float32, top_k)])
+    return x, ids.long(), weights
 
 
 def pack(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer_map: LayerMap,
@@ -110,19 +124,24 @@ def exchange_combine(results: torch.Tensor, recv_splits: list[int], send_splits:
     return back
 
 
-def run_experts(recv: torch.Tensor, stack: ExpertStack, hidden: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Expert-rank compute (local): received rows -> weighted sum of their experts' outputs
-    ``[N, D]``, and the number of (token, expert) pairs computed.
+def weighted_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stack: ExpertStack) -> tuple[torch.Tensor, int]:
+    """``x [N, D]`` through the local experts ``ids [N, A]`` (-1 = elsewhere), weighted by
+    ``weights [N, A]`` and summed per row -> ``[N, D]``; and the number of pairs computed.
 
     Each row's partials are added in top-k order, as the single-process ``combine`` does.
     """
-    x, ids, weights = decode_rows(recv, hidden, top_k, dtype)
     row, column = torch.nonzero(ids >= 0, as_tuple=True)  # pairs, row-major = top-k order
     out = torch.zeros_like(x)
     if len(row):
-        y = stack(x[row], ids[row, column]) * weights[row, column, None].to(dtype)
+        y = stack(x[row], ids[row, column]) * weights[row, column, None].to(x.dtype)
         out.index_add_(0, row, y)
     return out, len(row)
+
+
+def run_experts(recv: torch.Tensor, stack: ExpertStack, hidden: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Expert-rank compute (local): received rows -> weighted sums of their experts ``[N, D]``."""
+    x, ids, weights = decode_rows(recv, hidden, top_k, dtype)
+    return weighted_experts(x, ids, weights, stack)
 
 
 def unpack_combine(back: torch.Tensor, row_token: torch.Tensor, num_tokens: int) -> torch.Tensor:

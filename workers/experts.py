@@ -19,6 +19,21 @@ from workers.rank import RankActor
 from workers.step import WorkerStepStats
 
 
+def load_expert_stacks(ckpt: Checkpoint, maps: list[LayerMap], expert_rank: int, dtype: torch.dtype,
+                       device: torch.device) -> list[ExpertStack]:
+    """One ``ExpertStack`` per MoE layer with this rank's slots, in slot order, read
+    straight from the checkpoint's shards (no other expert is loaded)."""
+    config = ckpt.config
+    stacks = []
+    for layer, layer_map in zip(config.moe_layer_ids, maps):
+        experts = list(layer_map.rank_experts[expert_rank])
+        gate_up, down = ckpt.expert_weights(layer, experts, dtype)
+        stack = ExpertStack(len(experts), config.hidden_size, config.moe_intermediate_size)
+        stack.load_state_dict({"gate_up": gate_up, "down": down})
+        stacks.append(stack.to(device).eval())
+    return stacks
+
+
 class ExpertWorker(RankActor):
     def __init__(self, model_path: str, dtype: torch.dtype, expert_rank: int, maps: list[LayerMap],
                  moge_groups: int | None = None, threads: int = 1):
@@ -28,13 +43,7 @@ class ExpertWorker(RankActor):
         self.expert_rank, self.dtype = expert_rank, dtype
         self.hidden, self.top_k = config.hidden_size, config.top_k
         self.row_bytes = row_bytes(config.hidden_size, config.top_k, dtype)
-        self.stacks: list[ExpertStack] = []
-        for layer, layer_map in zip(config.moe_layer_ids, maps):
-            experts = list(layer_map.rank_experts[expert_rank])
-            gate_up, down = ckpt.expert_weights(layer, experts, dtype)
-            stack = ExpertStack(len(experts), config.hidden_size, config.moe_intermediate_size)
-            stack.load_state_dict({"gate_up": gate_up, "down": down})
-            self.stacks.append(stack.to(self.device).eval())
+        self.stacks = load_expert_stacks(ckpt, maps, expert_rank, dtype, self.device)
 
     def hosted(self) -> list[int]:
         """Number of expert slots per MoE layer held here."""

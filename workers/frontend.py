@@ -83,7 +83,7 @@ class FrontEnd(RankActor):
         experts = DispatchingExperts(self.maps, self.group, self.expert_base, self.dtype)
         tokens, logits, num_tokens = self.runner.run(step, experts)
         waited = experts.seconds["dispatch"] + experts.seconds["combine_wait"]
-        seconds = {"attention": time.perf_counter() - started - waited, "dispatch": experts.seconds["dispatch"],
-                   "experts": 0.0, "combine": experts.seconds["combine_wait"]}
-        stats = StepStats(num_tokens, len(step.seqs), experts.layers, seconds)
+        stats = StepStats(num_tokens, len(step.seqs), experts.layers)
+        stats.seconds.update(attention=time.perf_counter() - started - waited, dispatch=experts.seconds["dispatch"],
+                             combine=experts.seconds["combine_wait"])
         return StepOutput(tokens, stats, logits if step.return_logits else None)

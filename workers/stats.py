@@ -8,20 +8,39 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-PHASES = ("attention", "dispatch", "experts", "combine")
+PHASES = ("attention", "dispatch", "experts", "combine", "coherence")
 
 
 @dataclass
 class LayerTraffic:
-    """One MoE layer of one step, as seen by the front-end."""
+    """One MoE layer of one step (bytes count what crosses ranks).
+
+    Disaggregated layout: as seen by the front-end. Coherent layout: each rank reports
+    its own part and the coordinator adds them up.
+    """
 
     pairs_per_rank: list[int]  # (token, expert) pairs each expert rank computed
     rows_per_rank: list[int]  # token rows each expert rank received (a token is sent once per rank)
     dispatch_bytes: int  # token rows sent to expert ranks
-    combine_bytes: int  # partial outputs sent back
-    metadata_bytes: int  # split sizes exchanged (all ranks, across ranks only)
-    token_collectives: int  # all-to-alls that carry tokens (2 in the disaggregated layout)
+    combine_bytes: int  # disaggregated: partial outputs sent back to the front-end
+    metadata_bytes: int  # split sizes exchanged
+    token_collectives: int  # all-to-alls that carry tokens (disaggregated: 2; coherent: 1 top-1, 2 top-k)
     metadata_collectives: int  # small split-size exchanges (1)
+    merge_bytes: int = 0  # coherent, top-k > 1: partial outputs sent to the token's next home
+    hosted_tokens: int = 0  # coherent: tokens routed at this layer
+    stayed_tokens: int = 0  # coherent: of those, tokens whose next home is the rank they were on
+
+    def add(self, other: "LayerTraffic") -> "LayerTraffic":
+        """Element-wise sum (the ranks' parts of one layer, or steps); collective counts are
+        per layer, the same on every rank, so they are kept, not added."""
+        return LayerTraffic(
+            [a + b for a, b in zip(self.pairs_per_rank, other.pairs_per_rank)],
+            [a + b for a, b in zip(self.rows_per_rank, other.rows_per_rank)],
+            self.dispatch_bytes + other.dispatch_bytes, self.combine_bytes + other.combine_bytes,
+            self.metadata_bytes + other.metadata_bytes, self.token_collectives, self.metadata_collectives,
+            self.merge_bytes + other.merge_bytes, self.hosted_tokens + other.hosted_tokens,
+            self.stayed_tokens + other.stayed_tokens,
+        )
 
 
 @dataclass
@@ -31,6 +50,8 @@ class StepStats:
     layers: list[LayerTraffic]
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     ray_calls: int = 0  # Ray calls the coordinator issued for this step
+    coherence_bytes: int = 0  # coherent layout: KV rows all-gathered to keep every rank's context
+    coherence_collectives: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,12 +82,15 @@ class RuntimeStats:
                 "pairs_per_rank": [sum(v) for v in zip(*(r.pairs_per_rank for r in rows))],
                 "rows_per_rank": [sum(v) for v in zip(*(r.rows_per_rank for r in rows))],
                 **{key: sum(getattr(r, key) for r in rows) for key in
-                   ("dispatch_bytes", "combine_bytes", "metadata_bytes", "token_collectives", "metadata_collectives")},
+                   ("dispatch_bytes", "combine_bytes", "merge_bytes", "metadata_bytes", "token_collectives",
+                    "metadata_collectives", "hosted_tokens", "stayed_tokens")},
             })
         return {
             "steps": self.steps,
             "tokens": sum(s.tokens for s in self.per_step),
             "ray_calls": sum(s.ray_calls for s in self.per_step),
+            "coherence_bytes": sum(s.coherence_bytes for s in self.per_step),
+            "coherence_collectives": sum(s.coherence_collectives for s in self.per_step),
             "seconds": {p: sum(s.seconds[p] for s in self.per_step) for p in PHASES},
             "layers": layers,
         }
@@ -78,12 +102,17 @@ class RuntimeStats:
         if not t:
             return "no steps"
         steps = max(t["steps"], 1)
-        header = ["layer", "tokens/rank", "rows/rank", "dispatch B", "combine B", "meta B", "a2a/step", "meta/step"]
+        header = ["layer", "tokens/rank", "rows/rank", "stayed", "dispatch B", "combine B", "merge B", "meta B",
+                  "a2a/step", "meta/step"]
         rows = [[layer, "/".join(map(str, L["pairs_per_rank"])), "/".join(map(str, L["rows_per_rank"])),
-                 L["dispatch_bytes"], L["combine_bytes"], L["metadata_bytes"],
+                 f"{L['stayed_tokens'] / L['hosted_tokens']:.0%}" if L["hosted_tokens"] else "-",
+                 L["dispatch_bytes"], L["combine_bytes"], L["merge_bytes"], L["metadata_bytes"],
                  f"{L['token_collectives'] / steps:g}", f"{L['metadata_collectives'] / steps:g}"]
                 for layer, L in zip(moe_layers, t["layers"])]
         total = sum(t["seconds"].values()) or 1.0
         times = "  ".join(f"{p} {t['seconds'][p]:.3f}s ({100 * t['seconds'][p] / total:.0f}%)" for p in PHASES)
-        return (f"runtime stats: {t['steps']} steps, {t['tokens']} tokens, {t['ray_calls']} Ray calls\n"
-                + format_table(header, rows) + f"\ntime: {times}")
+        moved = sum(L["dispatch_bytes"] + L["combine_bytes"] + L["merge_bytes"] + L["metadata_bytes"]
+                    for L in t["layers"]) + t["coherence_bytes"]
+        return (f"runtime stats: {t['steps']} steps, {t['tokens']} tokens, {t['ray_calls']} Ray calls; "
+                f"{moved} bytes across ranks ({t['coherence_bytes']} for KV coherence in "
+                f"{t['coherence_collectives']} collectives)\n" + format_table(header, rows) + f"\ntime: {times}")

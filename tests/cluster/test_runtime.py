@@ -57,7 +57,8 @@ def lockstep(ref: Engine, dep: Engine, prompts=PROMPTS, late=LATE, params=GREEDY
         done_ref.update({c.request_id: c.output_ids for c in a.finished})
         done_dep.update({c.request_id: c.output_ids for c in b.finished})
         steps += 1
-    assert done_dep == done_ref and len(done_ref) == len(prompts) + sum(map(len, late.values()))
+    # requests added before the call finish here too
+    assert done_dep == done_ref and len(done_ref) >= len(prompts) + sum(map(len, late.values()))
     return steps
 
 

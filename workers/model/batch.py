@@ -30,6 +30,24 @@ class ForwardBatch:
     max_new: int
     max_len: int
 
+    @classmethod
+    def from_tokens(cls, input_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> "ForwardBatch":
+        """Tokens at arbitrary ``(slot, position)`` pairs (``[T]`` each; T may be 0): those
+        of one slot form one sequence. Used where a step's tokens are spread over ranks."""
+        device = input_ids.device
+        seq_slots, seq_index = torch.unique(slots, return_inverse=True)
+        order = torch.argsort(seq_index, stable=True)
+        counts = torch.bincount(seq_index, minlength=len(seq_slots))
+        offsets = torch.cumsum(counts, 0) - counts
+        query_index = torch.empty_like(seq_index)
+        query_index[order] = torch.arange(len(order), device=device) - offsets[seq_index[order]]
+        lengths = torch.zeros(len(seq_slots), dtype=torch.long, device=device).scatter_reduce_(
+            0, seq_index, positions + 1, "amax")
+        return cls(input_ids=input_ids, positions=positions, seq_index=seq_index, query_index=query_index,
+                   slots=seq_slots, lengths=lengths, last_token=offsets + counts - 1,
+                   max_new=int(counts.max()) if len(counts) else 0,
+                   max_len=int(lengths.max()) if len(lengths) else 0)
+
     def to(self, device: torch.device) -> "ForwardBatch":
         if device.type == "cpu":
             return self

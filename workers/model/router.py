@@ -27,7 +27,7 @@ class Routing(NamedTuple):
 
 def _group_limited(choice: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """Mask ``choice [T, E]`` to the ``topk_group`` best of ``n_group`` expert groups."""
-    grouped = choice.view(choice.shape[0], cfg.n_group, -1)  # [T, G, E/G]
+    grouped = choice.view(choice.shape[0], cfg.n_group, cfg.num_experts // cfg.n_group)  # [T, G, E/G]
     if cfg.group_score == "max":
         group_scores = grouped.max(dim=-1).values
     else:

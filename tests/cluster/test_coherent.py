@@ -1,0 +1,94 @@
+"""The coherent layout (ExFlow) against the reference engine, token for token, and its
+traffic: tokens move only to where their experts are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster.config import parse_config
+from cluster.coordinator import Deployment
+from placement import build_plan, load_trace
+from tests.cluster.test_runtime import LATE, PROMPTS, lockstep
+from tests.plans import random_plan
+from tests.tiny_models import save_planted_affinity_model, save_tiny_model
+from workers.reference import ReferenceEngine
+from workers.sampling import SamplingParams
+
+MIXED = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 9, 6)]  # finish at different steps
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    paths = {}
+    for name, family, overrides in (("top2", "mixtral", {}), ("top1", "mixtral", {"num_experts_per_tok": 1}),
+                                    ("qwen2", "qwen2_moe", {})):
+        paths[name] = tmp_path_factory.mktemp(name)
+        save_tiny_model(family, paths[name], seed=5, **overrides)
+    return paths
+
+
+def coherent(path, ranks: int, plan=None, **overrides) -> Deployment:
+    config = parse_config({"model": str(path), "layout": "coherent", "expert_ranks": ranks,
+                           "resources": {"cpus_per_actor": 0.1}, "batching": {"max_seqs": 4}, **overrides})
+    return Deployment(config, plan)
+
+
+def lockstep_mixed(ref, dep) -> int:
+    """Prompts of different lengths finishing at different steps, plus late arrivals."""
+    for p, params in zip(PROMPTS, MIXED):
+        assert ref.add_request(p, params) == dep.add_request(p, params)
+    return lockstep(ref, dep, prompts=[], late=LATE)
+
+
+@pytest.mark.parametrize("model,ranks,policy", [("top1", 2, "linear"), ("top1", 4, "round_robin"),
+                                                ("top2", 3, "linear"), ("top2", 2, "round_robin"),
+                                                ("qwen2", 2, "linear")])
+def test_coherent_equals_reference(ray_session, models, model, ranks, policy):
+    ref = ReferenceEngine.from_pretrained(models[model], max_seqs=4)
+    with coherent(models[model], ranks, placement={"policy": policy}) as dep:
+        assert lockstep_mixed(ref, dep) >= 9
+        for step in dep.stats.per_step:
+            assert step.ray_calls == ranks
+            first, *rest = step.layers
+            top_k = 1 if model == "top1" else 2
+            # the first MoE layer: every rank holds every token, so only top-k merging communicates
+            assert (first.token_collectives, first.metadata_collectives, first.dispatch_bytes) == (top_k - 1, 0, 0)
+            # later layers: one dispatch all-to-all (+ one merge with top-2) and one metadata exchange
+            assert all((L.token_collectives, L.metadata_collectives) == (top_k, 1) for L in rest)
+            if top_k == 1:
+                assert all(L.merge_bytes == 0 for L in step.layers)
+
+
+def test_coherent_with_replicated_experts(ray_session, models):
+    plan = random_plan(6, 3, 2, seed=7, layers=3)
+    ref = ReferenceEngine.from_pretrained(models["top2"], max_seqs=4)
+    with coherent(models["top2"], 3, plan) as dep:
+        lockstep_mixed(ref, dep)
+
+
+def test_planted_affinity_moves_no_token(ray_session, tmp_path):
+    """Record a trace, fit an affinity plan on it, redeploy: no token leaves its rank."""
+    perms = save_planted_affinity_model(tmp_path / "model")
+    ref = ReferenceEngine.from_pretrained(tmp_path / "model", max_seqs=8)
+    ref.record_trace()
+    prompts = [[(7 * i + j) % 64 for j in range(3 + i % 5)] for i in range(12)]
+    ref.generate_ids(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    ref.save_trace(tmp_path / "trace.npz")
+    ids = np.load(tmp_path / "trace.npz")["topk_ids"][:, :, 0]
+    for layer in range(1, 3):  # the routing really is planted
+        assert (ids[:, layer] == np.asarray(perms[layer])[ids[:, 0]]).all()
+    trace = load_trace(tmp_path / "trace.npz")
+    plan = build_plan("affinity", num_layers=3, num_experts=4, num_ranks=2, trace=trace)
+    assert plan.objectives["cross_device_fraction"] == 0.0
+    linear = build_plan("linear", num_layers=3, num_experts=4, num_ranks=2)
+    moved = {}
+    for name, p in (("affinity", plan), ("linear", linear)):
+        with coherent(tmp_path / "model", 2, p, batching={"max_seqs": 8}) as dep:
+            lockstep(ReferenceEngine.from_pretrained(tmp_path / "model", max_seqs=8), dep, prompts=prompts[:6], late={})
+            totals = dep.stats.totals()["layers"]
+            moved[name] = sum(L["dispatch_bytes"] + L["merge_bytes"] for L in totals)
+            stayed = [L["stayed_tokens"] / L["hosted_tokens"] for L in totals]
+        if name == "affinity":
+            assert moved[name] == 0 and stayed == [1.0, 1.0, 1.0]
+    assert moved["linear"] > 0

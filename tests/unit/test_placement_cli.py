@@ -1,0 +1,72 @@
+"""``raymoe plan`` end to end, in process (python -m placement.cli uses the same main)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from placement.cli import main
+from placement.plan import PlacementPlan
+from placement.synthetic import planted_affinity_trace
+
+
+@pytest.fixture()
+def trace_file(tmp_path):
+    trace, _ = planted_affinity_trace(600, 4, 16, 2, seed=1)
+    tokens = trace.num_tokens
+    path = tmp_path / "trace.npz"
+    np.savez_compressed(path, topk_ids=trace.topk_ids.astype(np.int32),
+                        topk_weights=np.full(trace.topk_ids.shape, 0.5, np.float32), seq_ids=np.arange(tokens) % 8,
+                        positions=np.arange(tokens) // 8, is_prompt=np.zeros(tokens, bool),
+                        moe_layers=np.arange(4, dtype=np.int32), num_experts=np.int64(16), version=np.int64(1))
+    return path
+
+
+def test_build_compare_save_and_report(trace_file, tmp_path, capsys):
+    out, png = tmp_path / "plan.yaml", tmp_path / "plan.png"
+    status = main(["--trace", str(trace_file), "--ranks", "4", "--nodes", "2", "--policy", "affinity",
+                   "--redundant", "4", "--load-cap", "1.5", "--holdout", "0.5", "--out", str(out),
+                   "--batch-sizes", "16,64", "--no-progress"])
+    text = capsys.readouterr().out
+    assert status == 0
+    for needle in ("linear", "round_robin", "affinity+4r", "cross-dev", "inter-node", "held-back",
+                   "per-step imbalance", "max/mean rank load per layer", "slots/rank"):
+        assert needle in text
+    plan = PlacementPlan.load(out)
+    assert plan.policy == "affinity" and plan.num_slots == 20 and plan.num_nodes == 2
+    assert plan.objectives["imbalance_max"] <= 1.5
+    status = main(["--report", str(out), "--trace", str(trace_file), "--plot", str(png)])
+    assert status == 0 and png.stat().st_size > 10_000
+    assert "stored objectives" in capsys.readouterr().out
+
+
+def test_loads_only_and_eplb(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    loads = rng.pareto(1.5, size=(3, 16)) * 100
+    np.save(tmp_path / "loads.npy", loads)
+    status = main(["--loads", str(tmp_path / "loads.npy"), "--ranks", "4", "--policy", "eplb", "--redundant", "4",
+                   "--refine", "--out", str(tmp_path / "eplb.yaml")])
+    text = capsys.readouterr().out
+    assert status == 0 and "n/a" in text          # no transitions: cross-device is not defined
+    assert PlacementPlan.load(tmp_path / "eplb.yaml").params["refine"] is True
+
+
+def test_bad_input_exits_2_with_the_reason(tmp_path, capsys):
+    np.save(tmp_path / "bad.npy", np.array([[0, 1], [2, 9]]))
+    assert main(["--trace", str(tmp_path / "bad.npy"), "--num-experts", "4", "--ranks", "2"]) == 2
+    assert "out of range [0, 4)" in capsys.readouterr().err
+    assert main(["--trace", str(tmp_path / "missing.npz"), "--ranks", "2"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    np.save(tmp_path / "ok.npy", np.array([[0, 1], [2, 3], [1, 0]]))
+    assert main(["--trace", str(tmp_path / "ok.npy"), "--ranks", "8"]) == 2
+    assert "more ranks than slots" in capsys.readouterr().err
+
+
+def test_placement_never_imports_ray_torch_distributed_or_grpc():
+    code = ("import sys, placement, placement.cli, placement.build, placement.report, placement.synthetic\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'grpc') or m.startswith('torch')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

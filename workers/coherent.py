@@ -1,0 +1,126 @@
+"""CoherentRank: a Ray actor of the coherent layout (ExFlow). Every rank holds the
+embeddings, attention, dense layers, routers, shared experts and LM head, its own
+expert slots, and a KV-cache replica of every sequence.
+
+A step: every rank gets the same step input and computes every token up to the first
+MoE layer (replicated: no communication), which sends each token to its home; from
+then on a token runs attention and dense layers where it is and at each MoE layer
+moves to where its experts are (``workers/coherent_moe.py``). After the last layer the
+rank it ended on computes its logits and samples (sampling is stateless, so any rank
+can). KV rows are all-gathered (``workers/coherent_cache.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.coherent_cache import CoherentKVCache
+from workers.coherent_moe import CoherentMoE, Hosted
+from workers.expert_map import LayerMap
+from workers.experts import load_expert_stacks
+from workers.model.attention import cache_shapes
+from workers.model.batch import ForwardBatch
+from workers.model.checkpoint import Checkpoint, load_model
+from workers.rank import RankActor
+from workers.sampling import sample
+from workers.stats import LayerTraffic
+from workers.step import StepInput
+
+
+@dataclass
+class CoherentOutput:
+    """One rank's share of a step: tokens (and logits) of the sequences it finished on."""
+
+    tokens: dict[int, int]  # sequence index in the step -> sampled token
+    logits: dict[int, torch.Tensor]
+    layers: list[LayerTraffic]
+    coherence_bytes: int = 0
+    coherence_collectives: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class CoherentRank(RankActor):
+    def __init__(self, model_path: str, dtype: torch.dtype, rank: int, maps: list[LayerMap], max_seqs: int,
+                 moge_groups: int | None = None, threads: int = 1):
+        super().__init__(threads)
+        ckpt = Checkpoint(model_path, moge_groups)
+        self.model = load_model(model_path, dtype, moge_groups, with_experts=False, checkpoint=ckpt).to(self.device)
+        self.config, self.dtype, self.rank_index, self.max_seqs = ckpt.config, dtype, rank, max_seqs
+        self.maps = [m.to(self.device) for m in maps]
+        self.stacks = load_expert_stacks(ckpt, maps, rank, dtype, self.device)
+        self.num_ranks = maps[0].num_ranks
+
+    def join(self, backend: str, address: str, rank: int, world_size: int, timeout_s: float) -> int:
+        super().join(backend, address, rank, world_size, timeout_s)
+        self.cache = CoherentKVCache(cache_shapes(self.config), self.max_seqs, self.dtype, self.device, self.group)
+        self.moe = CoherentMoE(self.maps, self.stacks, self.group, rank, self.config.top_k)
+        return rank
+
+    @torch.inference_mode()
+    def step(self, step: StepInput) -> CoherentOutput:
+        """One forward pass over the whole step. All ranks must run it together."""
+        started = time.perf_counter()
+        tokens, slots, positions, seq_of = self._flatten(step)
+        self.cache.reserve(int(positions.max()) + 1)
+        self.cache.begin_step(eager=any(len(s.tokens) > 1 for s in step.seqs))
+        self.cache.replicated = True  # until the first MoE layer every rank hosts every token
+        hosted = Hosted(torch.arange(len(tokens), device=self.device), self.model.model.embed_tokens(tokens))
+        layers, moe_index, moe_seconds = [], 0, 0.0
+        for layer in self.model.model.layers:
+            t = hosted.tokens
+            batch = ForwardBatch.from_tokens(tokens[t], slots[t], positions[t])
+            hosted.h = hosted.h + self._attention(layer, hosted.h, batch)
+            if layer.is_moe:
+                moe_started = time.perf_counter()
+                hosted, traffic = self.moe(moe_index, layer, hosted, replicated=self.cache.replicated)
+                self.cache.replicated = False
+                moe_seconds += time.perf_counter() - moe_started
+                layers.append(traffic)
+                moe_index += 1
+            elif len(t):
+                hosted.h = hosted.h + layer.mlp(layer.post_attention_layernorm(hosted.h))
+        coherence_started = time.perf_counter()
+        self.cache.flush()
+        finished = time.perf_counter()
+        out = self._sample(step, hosted, seq_of)
+        out.layers, out.coherence_bytes = layers, self.cache.sent_bytes
+        out.coherence_collectives = self.cache.collectives
+        out.seconds = {"attention": finished - started - moe_seconds - (finished - coherence_started),
+                       "dispatch": moe_seconds, "coherence": finished - coherence_started}
+        return out
+
+    def _flatten(self, step: StepInput):
+        """The step's tokens as global ``[T]`` tensors: ids, slots, positions, sequence index."""
+        ids = [t for s in step.seqs for t in s.tokens]
+        slots = [s.slot for s in step.seqs for _ in s.tokens]
+        positions = [s.start + i for s in step.seqs for i in range(len(s.tokens))]
+        seq_of = [b for b, s in enumerate(step.seqs) for _ in s.tokens]
+        return tuple(torch.tensor(v, dtype=torch.long, device=self.device) for v in (ids, slots, positions, seq_of))
+
+    def _attention(self, layer, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if batch.num_tokens:
+            return layer.self_attn(layer.input_layernorm(h), batch, self.cache)
+        # Nothing hosted here at this layer; still take part in the KV exchange.
+        index = layer.self_attn.layer
+        k_shape, v_shape = self.cache.shapes[index]
+        empty = batch.positions.new_empty(0)
+        self.cache.write(index, empty, empty, h.new_empty(0, *k_shape), h.new_empty(0, *v_shape))
+        return torch.zeros_like(h)
+
+    def _sample(self, step: StepInput, hosted: Hosted, seq_of: torch.Tensor) -> CoherentOutput:
+        """Logits and tokens for the sequences whose last token ended on this rank."""
+        last = torch.cumsum(torch.bincount(seq_of, minlength=len(step.seqs)), 0) - 1  # [B]
+        mine = torch.isin(hosted.tokens, last)
+        if self.cache.replicated:  # a model without MoE layers: each sequence samples on its owner
+            owner = torch.tensor([s.slot % self.num_ranks for s in step.seqs], device=self.device)
+            mine &= owner[seq_of[hosted.tokens]] == self.rank_index
+        if not mine.any():
+            return CoherentOutput({}, {}, [])
+        seqs = seq_of[hosted.tokens[mine]].tolist()
+        logits = self.model.lm_head(self.model.model.norm(hosted.h[mine])).float().cpu()
+        chosen = sample(logits, [step.seqs[b].params for b in seqs], [step.seqs[b].generated for b in seqs])
+        keep = step.return_logits
+        return CoherentOutput(dict(zip(seqs, chosen)), {b: logits[i] for i, b in enumerate(seqs)} if keep else {}, [])

@@ -1,0 +1,97 @@
+"""A KV cache kept coherent across the ranks of the coherent layout.
+
+Every rank holds the KV entries of every sequence. A rank computes the keys and values
+of the tokens it hosts at a layer; the rows are then all-gathered so that any rank that
+later hosts a token of that sequence finds them in its own cache.
+
+The layers up to the first MoE layer are computed by every rank for every token (see
+``workers/coherent_moe.py``), so their rows are written everywhere and not exchanged.
+
+When the others are exchanged (T = tokens of the step, L = layers, R = ranks, K = bytes of one
+cached key + value row, plus 24 bytes of (layer, slot, position)):
+
+* a step where some sequence feeds several tokens (prefill): those tokens may sit on
+  different ranks and attend to each other at the same layer, so rows are exchanged at
+  every layer before attention: 2 collectives per layer (row counts, rows).
+* a decode-only step (one new token per sequence): a token needs only earlier positions,
+  already everywhere, and its own row, computed where it is; rows are buffered and
+  exchanged once at the end of the step: 2 collectives per step.
+
+Either way every row reaches the R - 1 other ranks: ``T * L' * (K + 24) * (R - 1)`` bytes
+per step, L' = layers after the first MoE layer, plus padding to the largest rank's row count (``coherence_bytes`` counts
+what is actually sent).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from workers.dispatch import pack_parts, unpack_parts
+from workers.model.kv_cache import KVCache
+
+
+class CoherentKVCache(KVCache):
+    def __init__(self, shapes, num_slots: int, dtype: torch.dtype, device, group):
+        super().__init__(shapes, num_slots, dtype, device)
+        self.group = group
+        self.k_width = int(torch.tensor(shapes[0][0]).prod())
+        self.v_width = int(torch.tensor(shapes[0][1]).prod())
+        self.eager = True
+        self.replicated = False  # every rank computes the same rows: nothing to exchange
+        self._pending: list[torch.Tensor] = []
+        self.sent_bytes = 0  # bytes this rank sent for coherence since the last reset
+        self.collectives = 0
+
+    def begin_step(self, eager: bool) -> None:
+        """``eager``: exchange at every layer (the step has multi-token sequences)."""
+        self.eager, self._pending = eager, []
+        self.sent_bytes = self.collectives = 0
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store this rank's rows; with ``eager``, all ranks must call this for every layer
+        (except while ``replicated``: every rank then writes the same rows)."""
+        super().write(layer, slots, positions, k, v)
+        if self.replicated:
+            return
+        meta = torch.stack([torch.full_like(slots, layer), slots, positions], 1).to(torch.int64)
+        rows = pack_parts(meta, k.reshape(len(k), self.k_width).to(self.dtype), v.reshape(len(v), self.v_width).to(self.dtype))
+        if self.eager:
+            self._exchange(rows)
+        else:
+            self._pending.append(rows)
+
+    def flush(self) -> None:
+        """End of a decode-only step: exchange the buffered rows. All ranks must call this."""
+        if not self.eager:
+            width = 24 + (self.k_width + self.v_width) * torch.finfo(self.dtype).bits // 8
+            pending = self._pending or [torch.empty(0, width, dtype=torch.uint8, device=self.device)]
+            self._exchange(torch.cat(pending))
+        self._pending = []
+
+    def _exchange(self, rows: torch.Tensor) -> None:
+        """All-gather every rank's rows (padded to the longest) and store the others'."""
+        world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
+        count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=self.device)
+        counts = [torch.empty_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=self.group)
+        counts = [int(c) for c in counts]
+        longest = max(counts)
+        padded = rows.new_zeros(longest, rows.shape[1])
+        padded[: rows.shape[0]] = rows
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded, group=self.group)
+        self.collectives += 2
+        self.sent_bytes += (world - 1) * (8 + padded.numel())
+        others = [g[:n] for r, (g, n) in enumerate(zip(gathered, counts)) if r != me and n]
+        if others:
+            self._store(torch.cat(others))
+
+    def _store(self, rows: torch.Tensor) -> None:
+        k_shape, v_shape = self.shapes[0]
+        meta, k, v = unpack_parts(rows, [(torch.int64, 3), (self.dtype, self.k_width), (self.dtype, self.v_width)])
+        for layer in torch.unique(meta[:, 0]).tolist():
+            mine = meta[:, 0] == layer
+            KVCache.write(self, layer, meta[mine, 1], meta[mine, 2],
+                          k[mine].view(-1, *k_shape), v[mine].view(-1, *v_shape))

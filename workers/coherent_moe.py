@@ -1,0 +1,149 @@
+"""One MoE layer of the coherent layout (ExFlow): a token moves only to where its
+experts are, and continues its next layer there.
+
+Every rank holds the dense weights, so a token's residual stream ``h`` can live on any
+rank. Per MoE layer, for the tokens a rank hosts:
+
+1. route them; each (token, expert) pair runs on the rank of the expert's slot (a
+   replicated expert: replica ``token % logcnt``);
+2. pick the token's next home: the rank that holds most of its experts, ties to the
+   rank of its top-1 expert, then to where it is now. A token whose experts all sit
+   on its rank moves nothing;
+3. one metadata collective (an all-gather of each rank's [2, R, R] send counts, so
+   every rank knows the dispatch and merge split sizes), then ONE dispatch
+   ``all_to_all_single``: ``h`` goes once to every other rank holding one of its experts;
+4. every rank computes its pairs; with top-1 the token is now home (no combine). With
+   top-k > 1 the partial outputs not computed at the token's home travel there in ONE
+   merge ``all_to_all_single``;
+5. the home adds the partials (top-k order) and the shared expert(s) to ``h``.
+
+Collectives per MoE layer: top-1: 1 token-carrying + 1 metadata; top-k > 1: 2 + 1.
+
+The first MoE layer of a step is special: every rank computed the layers before it,
+and its attention, for every token (all ranks hold the context and the dense
+weights), so every rank routes every token the same way and already holds every ``h``.
+Each token simply starts at its home: no dispatch and no metadata; with top-k > 1 the
+partials computed away from a token's home still travel there (1 merge all-to-all).
+
+Shapes: n = tokens hosted here, A = top-k, D = hidden, R = ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from workers.dispatch import pack_parts, unpack_parts, weighted_experts
+from workers.expert_map import LayerMap
+from workers.model.experts import ExpertStack
+from workers.stats import LayerTraffic
+
+
+@dataclass
+class Hosted:
+    """The tokens a rank hosts: global token indices ``[n]`` (ascending) and ``h [n, D]``."""
+
+    tokens: torch.Tensor
+    h: torch.Tensor
+
+
+def choose_homes(pair_rank: torch.Tensor, current: int, num_ranks: int) -> torch.Tensor:
+    """``pair_rank [n, A]`` (rank of each pair, top-1 first) -> next home ``[n]``."""
+    counts = F.one_hot(pair_rank, num_ranks).sum(1)  # [n, R]
+    top1 = F.one_hot(pair_rank[:, 0], num_ranks)
+    here = torch.zeros_like(counts)
+    here[:, current] = 1
+    return (counts * 4 + top1 * 2 + here).argmax(1)  # counts dominate, then top-1, then staying
+
+
+class CoherentMoE:
+    """The MoE layers of one rank; ``__call__`` runs one layer. All ranks must call it for
+    every MoE layer, in order."""
+
+    def __init__(self, maps: list[LayerMap], stacks: list[ExpertStack], group, rank: int, top_k: int):
+        self.maps, self.stacks, self.group, self.rank, self.top_k = maps, stacks, group, rank, top_k
+
+    def __call__(self, moe_index: int, layer, hosted: Hosted, replicated: bool = False) -> tuple[Hosted, LayerTraffic]:
+        """One MoE layer; ``replicated``: every rank hosts every token (the step's first MoE layer)."""
+        lm, block, norm = self.maps[moe_index], layer.mlp, layer.post_attention_layernorm
+        ranks, me, h = lm.num_ranks, self.rank, hosted.h
+        # Step 1-2: where every pair runs, and each token's next home.
+        routing = block.route(norm(h))
+        slot = lm.log2phy[routing.topk_ids, hosted.tokens[:, None] % lm.logcnt[routing.topk_ids]]
+        pair_rank, pair_local = lm.slot_rank[slot], lm.slot_local[slot]  # [n, A]
+        home = choose_homes(pair_rank, -1 if replicated else me, ranks)
+        present = F.one_hot(pair_rank, ranks).sum(1) > 0  # [n, R]: token has an expert there
+        partial_from = present.clone()
+        partial_from[torch.arange(len(home)), home] = False  # ranks whose partial must go home
+        # Step 3: dispatch rows (token, destination) for every other rank holding its experts.
+        remote = present.clone()
+        remote[:, me] = False
+        if replicated:  # every rank already holds every token: nothing to dispatch
+            remote[:] = False
+        dest, token_row = torch.nonzero(remote.T, as_tuple=True)  # grouped by destination
+        send = pack_parts(h[token_row], torch.where(pair_rank[token_row] == dest[:, None], pair_local[token_row], -1)
+                          .to(torch.int32), routing.topk_weights[token_row].float(),
+                          torch.stack([hosted.tokens[token_row], home[token_row]], 1))
+        if replicated:  # every rank knows every count already
+            traffic = torch.zeros(2, ranks, ranks, dtype=torch.int64, device=h.device)
+            for source in range(ranks):
+                traffic[1, source] = torch.bincount(home[partial_from[:, source]], minlength=ranks)
+            recv = send
+        else:
+            traffic = self._counts(torch.bincount(dest, minlength=ranks), partial_from, home)
+            recv = self._all_to_all(send, traffic[0, me].tolist(), traffic[0, :, me].tolist())
+        h_in, ids_in, w_in, meta_in = unpack_parts(recv, [(h.dtype, h.shape[1]), (torch.int32, self.top_k),
+                                                          (torch.float32, self.top_k), (torch.int64, 2)])
+        # Step 4: every pair on this rank, for hosted and arrived tokens alike.
+        rows_h = torch.cat([h, h_in])
+        rows_token = torch.cat([hosted.tokens, meta_in[:, 0]])
+        rows_home = torch.cat([home, meta_in[:, 1]])
+        local_ids = torch.where(pair_rank == me, pair_local, -1)
+        partial, pairs = weighted_experts(norm(rows_h), torch.cat([local_ids, ids_in.long()]),
+                                          torch.cat([routing.topk_weights.float(), w_in]), self.stacks[moe_index])
+        # Step 5: partials computed away from their token's home go there (top-k > 1).
+        keep = rows_home == me
+        merge_bytes, merged_token, merged = 0, rows_token[:0], partial[:0]
+        if self.top_k > 1:
+            away = ~keep & (torch.cat([local_ids, ids_in.long()]) >= 0).any(1)
+            order = torch.argsort(rows_home[away], stable=True)
+            out = pack_parts(partial[away][order], rows_token[away][order, None])
+            back = self._all_to_all(out, traffic[1, me].tolist(), traffic[1, :, me].tolist())
+            merged, merged_token = unpack_parts(back, [(h.dtype, h.shape[1]), (torch.int64, 1)])
+            merge_bytes = out.numel()
+        # Step 6: the tokens hosted from now on, with residual + experts + shared experts.
+        tokens, order = torch.sort(rows_token[keep])
+        residual, y = rows_h[keep][order], partial[keep][order]
+        y.index_add_(0, torch.searchsorted(tokens, merged_token.reshape(-1)), merged)
+        shared = block.shared(norm(residual))
+        new = Hosted(tokens, residual + (y if shared is None else y + shared))
+        stats = LayerTraffic(
+            pairs_per_rank=[pairs if r == me else 0 for r in range(ranks)],
+            rows_per_rank=[len(recv) if r == me else 0 for r in range(ranks)],
+            dispatch_bytes=send.numel(), combine_bytes=0, merge_bytes=merge_bytes,
+            metadata_bytes=0 if replicated else (ranks - 1) * traffic.numel() * 8,
+            token_collectives=(not replicated) + (self.top_k > 1), metadata_collectives=int(not replicated),
+            hosted_tokens=int((home == me).sum()) if replicated else len(home),
+            stayed_tokens=int((home == me).sum()),
+        )
+        return new, stats
+
+    def _counts(self, dispatch: torch.Tensor, partial_from: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
+        """All ranks' send counts ``[2, R, R]`` (dispatch, merge; [source, destination]):
+        one all-gather of each rank's rows. All ranks must call this."""
+        ranks = len(dispatch)
+        mine = torch.zeros(2, ranks, ranks, dtype=torch.int64, device=dispatch.device)
+        mine[0, self.rank] = dispatch
+        for source in range(ranks):
+            mine[1, source] = torch.bincount(home[partial_from[:, source]], minlength=ranks)
+        gathered = [torch.empty_like(mine) for _ in range(ranks)]
+        dist.all_gather(gathered, mine, group=self.group)
+        return torch.stack(gathered).sum(0)
+
+    def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        recv = send.new_empty(sum(recv_splits), send.shape[1])
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
+        return recv
