@@ -52,6 +52,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--config", type=Path, help="deployment YAML: run on the distributed runtime (Ray)")
     p.add_argument("--model", type=Path, help=f"model directory (default: the config's, else {DEFAULT_MODEL.name})")
     p.add_argument("--ranks", type=int, help="override the config's expert_ranks")
+    p.add_argument("--layout", choices=["disaggregated", "coherent"], help="override the config's layout")
     p.add_argument("--plan", type=Path, help="placement plan file from `raymoe plan` (overrides the config)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch)")
     p.add_argument("--prompt-file", type=Path, help="one prompt per line")
@@ -92,6 +93,8 @@ def deployment_config(args: argparse.Namespace):
     changes = {"model": str(args.model)} if args.model else {}
     if args.ranks is not None:
         changes["expert_ranks"] = args.ranks
+    if args.layout:
+        changes["layout"] = args.layout
     if args.dtype:
         changes["dtype"] = args.dtype
     if args.moge_groups is not None:
@@ -107,8 +110,9 @@ def open_engine(args: argparse.Namespace):
         from cluster.coordinator import Deployment
 
         config = deployment_config(args)
-        _log(f"starting {config.layout} deployment: front-end + {config.expert_ranks} expert ranks "
-             f"({config.ray.address or 'embedded Ray'})")
+        ranks = f"{config.expert_ranks} ranks" if config.layout == "coherent" else \
+            f"front-end + {config.expert_ranks} expert ranks"
+        _log(f"starting {config.layout} deployment: {ranks} ({config.ray.address or 'embedded Ray'})")
         return Deployment(config)
     from workers.reference import ReferenceEngine
 

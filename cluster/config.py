@@ -123,6 +123,8 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
     _check(c.layout in LAYOUTS, "layout", c.layout, f"one of {list(LAYOUTS)}", source)
     _check(_is_int(c.expert_ranks) and 1 <= c.expert_ranks <= 1024, "expert_ranks", c.expert_ranks,
            "an integer in [1, 1024]", source)
+    _check(c.layout != "coherent" or c.expert_ranks <= 62, "expert_ranks", c.expert_ranks,
+           "at most 62 with layout: coherent (partial-output bitmasks are 62 bits)", source)
     p = c.placement
     _check(p.plan is None or (isinstance(p.plan, str) and bool(p.plan)), "placement.plan", p.plan,
            "null or the path of a plan file written by `raymoe plan`", source)

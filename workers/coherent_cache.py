@@ -7,8 +7,8 @@ later hosts a token of that sequence finds them in its own cache.
 The layers up to the first MoE layer are computed by every rank for every token (see
 ``workers/coherent_moe.py``), so their rows are written everywhere and not exchanged.
 
-When the others are exchanged (T = tokens of the step, L = layers, R = ranks, K = bytes of one
-cached key + value row, plus 24 bytes of (layer, slot, position)):
+When the other rows are exchanged (T = tokens of the step, R = ranks, K = bytes of one
+cached key + value row):
 
 * a step where some sequence feeds several tokens (prefill): those tokens may sit on
   different ranks and attend to each other at the same layer, so rows are exchanged at
@@ -17,9 +17,9 @@ cached key + value row, plus 24 bytes of (layer, slot, position)):
   already everywhere, and its own row, computed where it is; rows are buffered and
   exchanged once at the end of the step: 2 collectives per step.
 
-Either way every row reaches the R - 1 other ranks: ``T * L' * (K + 24) * (R - 1)`` bytes
-per step, L' = layers after the first MoE layer, plus padding to the largest rank's row count (``coherence_bytes`` counts
-what is actually sent).
+Either way every row reaches the R - 1 other ranks: ``T * L' * (K + 12) * (R - 1)`` bytes
+per step (L' = layers after the first MoE layer, 12 bytes of (layer, slot, position)),
+plus 8 bytes of row count per rank and exchange.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class CoherentKVCache(KVCache):
         super().write(layer, slots, positions, k, v)
         if self.replicated:
             return
-        meta = torch.stack([torch.full_like(slots, layer), slots, positions], 1).to(torch.int64)
+        meta = torch.stack([torch.full_like(slots, layer), slots, positions], 1).to(torch.int32)
         rows = pack_parts(meta, k.reshape(len(k), self.k_width).to(self.dtype), v.reshape(len(v), self.v_width).to(self.dtype))
         if self.eager:
             self._exchange(rows)
@@ -65,32 +65,31 @@ class CoherentKVCache(KVCache):
     def flush(self) -> None:
         """End of a decode-only step: exchange the buffered rows. All ranks must call this."""
         if not self.eager:
-            width = 24 + (self.k_width + self.v_width) * torch.finfo(self.dtype).bits // 8
+            width = 12 + (self.k_width + self.v_width) * torch.finfo(self.dtype).bits // 8
             pending = self._pending or [torch.empty(0, width, dtype=torch.uint8, device=self.device)]
             self._exchange(torch.cat(pending))
         self._pending = []
 
     def _exchange(self, rows: torch.Tensor) -> None:
-        """All-gather every rank's rows (padded to the longest) and store the others'."""
+        """Send this rank's rows to every other rank and store theirs: one all-gather of
+        row counts, then one ``all_to_all_single`` with exact splits (no padding)."""
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
         count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=self.device)
         counts = [torch.empty_like(count) for _ in range(world)]
         dist.all_gather(counts, count, group=self.group)
-        counts = [int(c) for c in counts]
-        longest = max(counts)
-        padded = rows.new_zeros(longest, rows.shape[1])
-        padded[: rows.shape[0]] = rows
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded, group=self.group)
+        recv_splits = [0 if r == me else int(c) for r, c in enumerate(counts)]
+        send_splits = [0 if r == me else rows.shape[0] for r in range(world)]
+        recv = rows.new_empty(sum(recv_splits), rows.shape[1])
+        dist.all_to_all_single(recv, rows.repeat(world - 1, 1), recv_splits, send_splits, group=self.group)
         self.collectives += 2
-        self.sent_bytes += (world - 1) * (8 + padded.numel())
-        others = [g[:n] for r, (g, n) in enumerate(zip(gathered, counts)) if r != me and n]
-        if others:
-            self._store(torch.cat(others))
+        self.sent_bytes += (world - 1) * (8 + rows.numel())
+        if len(recv):
+            self._store(recv)
 
     def _store(self, rows: torch.Tensor) -> None:
         k_shape, v_shape = self.shapes[0]
-        meta, k, v = unpack_parts(rows, [(torch.int64, 3), (self.dtype, self.k_width), (self.dtype, self.v_width)])
+        meta, k, v = unpack_parts(rows, [(torch.int32, 3), (self.dtype, self.k_width), (self.dtype, self.v_width)])
+        meta = meta.long()
         for layer in torch.unique(meta[:, 0]).tolist():
             mine = meta[:, 0] == layer
             KVCache.write(self, layer, meta[mine, 1], meta[mine, 2],

@@ -9,9 +9,10 @@ rank. Per MoE layer, for the tokens a rank hosts:
 2. pick the token's next home: the rank that holds most of its experts, ties to the
    rank of its top-1 expert, then to where it is now. A token whose experts all sit
    on its rank moves nothing;
-3. one metadata collective (an all-gather of each rank's [2, R, R] send counts, so
-   every rank knows the dispatch and merge split sizes), then ONE dispatch
-   ``all_to_all_single``: ``h`` goes once to every other rank holding one of its experts;
+3. one metadata all-to-all (R split sizes per rank) then ONE dispatch
+   ``all_to_all_single``: ``h`` goes once to every other rank holding one of its experts,
+   with a bitmask of the ranks whose partials its home must wait for, so the merge
+   needs no metadata of its own;
 4. every rank computes its pairs; with top-1 the token is now home (no combine). With
    top-k > 1 the partial outputs not computed at the token's home travel there in ONE
    merge ``all_to_all_single``;
@@ -78,6 +79,7 @@ class CoherentMoE:
         present = F.one_hot(pair_rank, ranks).sum(1) > 0  # [n, R]: token has an expert there
         partial_from = present.clone()
         partial_from[torch.arange(len(home)), home] = False  # ranks whose partial must go home
+        mask = (partial_from.long() << torch.arange(ranks, device=h.device)).sum(1)  # as a bitmask
         # Step 3: dispatch rows (token, destination) for every other rank holding its experts.
         remote = present.clone()
         remote[:, me] = False
@@ -86,21 +88,18 @@ class CoherentMoE:
         dest, token_row = torch.nonzero(remote.T, as_tuple=True)  # grouped by destination
         send = pack_parts(h[token_row], torch.where(pair_rank[token_row] == dest[:, None], pair_local[token_row], -1)
                           .to(torch.int32), routing.topk_weights[token_row].float(),
-                          torch.stack([hosted.tokens[token_row], home[token_row]], 1))
-        if replicated:  # every rank knows every count already
-            traffic = torch.zeros(2, ranks, ranks, dtype=torch.int64, device=h.device)
-            for source in range(ranks):
-                traffic[1, source] = torch.bincount(home[partial_from[:, source]], minlength=ranks)
-            recv = send
+                          torch.stack([hosted.tokens[token_row], home[token_row], mask[token_row]], 1))
+        if replicated:
+            recv, metadata_bytes = send, 0
         else:
-            traffic = self._counts(torch.bincount(dest, minlength=ranks), partial_from, home)
-            recv = self._all_to_all(send, traffic[0, me].tolist(), traffic[0, :, me].tolist())
+            recv, metadata_bytes = self._dispatch(send, torch.bincount(dest, minlength=ranks).tolist())
         h_in, ids_in, w_in, meta_in = unpack_parts(recv, [(h.dtype, h.shape[1]), (torch.int32, self.top_k),
-                                                          (torch.float32, self.top_k), (torch.int64, 2)])
+                                                          (torch.float32, self.top_k), (torch.int64, 3)])
         # Step 4: every pair on this rank, for hosted and arrived tokens alike.
         rows_h = torch.cat([h, h_in])
         rows_token = torch.cat([hosted.tokens, meta_in[:, 0]])
         rows_home = torch.cat([home, meta_in[:, 1]])
+        rows_mask = torch.cat([mask, meta_in[:, 2]])
         local_ids = torch.where(pair_rank == me, pair_local, -1)
         partial, pairs = weighted_experts(norm(rows_h), torch.cat([local_ids, ids_in.long()]),
                                           torch.cat([routing.topk_weights.float(), w_in]), self.stacks[moe_index])
@@ -111,7 +110,9 @@ class CoherentMoE:
             away = ~keep & (torch.cat([local_ids, ids_in.long()]) >= 0).any(1)
             order = torch.argsort(rows_home[away], stable=True)
             out = pack_parts(partial[away][order], rows_token[away][order, None])
-            back = self._all_to_all(out, traffic[1, me].tolist(), traffic[1, :, me].tolist())
+            send_splits = torch.bincount(rows_home[away], minlength=ranks).tolist()
+            bits = (rows_mask[keep, None] >> torch.arange(ranks, device=h.device)) & 1  # who sends partials here
+            back = self._all_to_all(out, send_splits, bits.sum(0).tolist())
             merged, merged_token = unpack_parts(back, [(h.dtype, h.shape[1]), (torch.int64, 1)])
             merge_bytes = out.numel()
         # Step 6: the tokens hosted from now on, with residual + experts + shared experts.
@@ -124,24 +125,20 @@ class CoherentMoE:
             pairs_per_rank=[pairs if r == me else 0 for r in range(ranks)],
             rows_per_rank=[len(recv) if r == me else 0 for r in range(ranks)],
             dispatch_bytes=send.numel(), combine_bytes=0, merge_bytes=merge_bytes,
-            metadata_bytes=0 if replicated else (ranks - 1) * traffic.numel() * 8,
+            metadata_bytes=metadata_bytes,
             token_collectives=(not replicated) + (self.top_k > 1), metadata_collectives=int(not replicated),
             hosted_tokens=int((home == me).sum()) if replicated else len(home),
             stayed_tokens=int((home == me).sum()),
         )
         return new, stats
 
-    def _counts(self, dispatch: torch.Tensor, partial_from: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
-        """All ranks' send counts ``[2, R, R]`` (dispatch, merge; [source, destination]):
-        one all-gather of each rank's rows. All ranks must call this."""
-        ranks = len(dispatch)
-        mine = torch.zeros(2, ranks, ranks, dtype=torch.int64, device=dispatch.device)
-        mine[0, self.rank] = dispatch
-        for source in range(ranks):
-            mine[1, source] = torch.bincount(home[partial_from[:, source]], minlength=ranks)
-        gathered = [torch.empty_like(mine) for _ in range(ranks)]
-        dist.all_gather(gathered, mine, group=self.group)
-        return torch.stack(gathered).sum(0)
+    def _dispatch(self, send: torch.Tensor, send_splits: list[int]) -> tuple[torch.Tensor, int]:
+        """Metadata all-to-all (split sizes), then the dispatch all-to-all. All ranks must call this."""
+        counts = torch.tensor(send_splits, dtype=torch.int64, device=send.device)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        ranks = len(send_splits)
+        return self._all_to_all(send, send_splits, recv_counts.tolist()), (ranks - 1) * 8
 
     def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         recv = send.new_empty(sum(recv_splits), send.shape[1])
