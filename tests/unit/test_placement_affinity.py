@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,24 @@ def test_more_ranks_than_slots_and_unknown_options_are_config_errors():
     with pytest.raises(ConfigError, match="divisible by 2 nodes"):
         build_plan("affinity", num_layers=2, num_experts=6, num_ranks=4, num_nodes=2,
                    loads=np.ones((2, 6)), num_redundant=1)
+
+
+@pytest.mark.slow
+def test_heuristic_solves_qwen_sized_instance_in_time():
+    """128 experts x 48 layers x 16 ranks, top-8, load cap 1.05 + 32 replicas: < 30 s of
+    CPU time (the target is wall time on 2 cores; CPU time does not depend on other load)."""
+    from pathlib import Path
+
+    from placement.synthetic import skewed_markov_trace
+
+    path = Path("/work/shared/data/qwen3-30b-a3b-loads/expert_loads.npy")
+    if not path.exists():
+        pytest.skip("Qwen3 loads not available")
+    stats = skewed_markov_trace(np.load(path).astype(float), 4000, 8, 0.3, seed=1).stats()
+    start = time.process_time()
+    plan = build_plan("affinity", num_layers=48, num_experts=128, num_ranks=16, trace=stats, num_redundant=32,
+                      load_cap=1.05, solver="heuristic")
+    assert time.process_time() - start < 30.0
+    assert plan.objectives["imbalance_max"] <= 1.05 + 1e-9
+    linear = build_plan("linear", num_layers=48, num_experts=128, num_ranks=16, trace=stats)
+    assert plan.objectives["cross_device_fraction"] < linear.objectives["cross_device_fraction"]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.metrics import (coactivation_split_fraction, cross_device_fraction, inter_node_fraction,
+from placement.metrics import (coactivation_split_fraction, cross_device_fraction, decode_order, inter_node_fraction,
                                per_step_imbalance, score_plan)
 from placement.plan import PlacementPlan, build_plan
 from placement.trace import trace_from_array
@@ -87,3 +87,11 @@ def test_per_step_imbalance_matches_batches():
         values += (loads.max(1) / loads.mean(1)).tolist()
     assert step.mean == pytest.approx(np.mean(values))
     assert step.max == pytest.approx(np.max(values))
+
+
+def test_decode_order_interleaves_requests():
+    ids = np.zeros((7, 1, 1), dtype=np.int64)
+    trace = trace_from_array(ids, 2, seq_ids=np.array([5, 5, 5, 9, 9, 7, 7]))
+    order = decode_order(trace)
+    # step 0: first token of requests 5, 7, 9; step 1: second tokens; step 2: third token of 5
+    assert order.tolist() == [0, 5, 3, 1, 6, 4, 2]
