@@ -113,6 +113,7 @@ class RuntimeStats:
         times = "  ".join(f"{p} {t['seconds'][p]:.3f}s ({100 * t['seconds'][p] / total:.0f}%)" for p in PHASES)
         moved = sum(L["dispatch_bytes"] + L["combine_bytes"] + L["merge_bytes"] + L["metadata_bytes"]
                     for L in t["layers"]) + t["coherence_bytes"]
+        coherence = (f" ({t['coherence_bytes']} for KV coherence in {t['coherence_collectives']} collectives)"
+                     if t["coherence_collectives"] else "")
         return (f"runtime stats: {t['steps']} steps, {t['tokens']} tokens, {t['ray_calls']} Ray calls; "
-                f"{moved} bytes across ranks ({t['coherence_bytes']} for KV coherence in "
-                f"{t['coherence_collectives']} collectives)\n" + format_table(header, rows) + f"\ntime: {times}")
+                f"{moved} bytes across ranks{coherence}\n" + format_table(header, rows) + f"\ntime: {times}")
