@@ -53,6 +53,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", type=Path, help=f"model directory (default: the config's, else {DEFAULT_MODEL.name})")
     p.add_argument("--ranks", type=int, help="override the config's expert_ranks")
     p.add_argument("--layout", choices=["disaggregated", "coherent"], help="override the config's layout")
+    p.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of the config's "
+                                     "ray.address / RAY_ADDRESS / embedded Ray")
     p.add_argument("--plan", type=Path, help="placement plan file from `raymoe plan` (overrides the config)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch)")
     p.add_argument("--prompt-file", type=Path, help="one prompt per line")
@@ -95,6 +97,8 @@ def deployment_config(args: argparse.Namespace):
         changes["expert_ranks"] = args.ranks
     if args.layout:
         changes["layout"] = args.layout
+    if args.address:
+        changes["ray"] = dataclasses.replace(config.ray, address=args.address)
     if args.dtype:
         changes["dtype"] = args.dtype
     if args.moge_groups is not None:
