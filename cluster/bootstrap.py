@@ -9,6 +9,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from cluster.config import RayConfig
+from cluster.multinode import describe_missing
 
 
 class ClusterError(RuntimeError):
@@ -30,9 +31,11 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def create_placement_group(bundles: list[dict], strategy: str, timeout_s: float = 60.0):
-    """One bundle per actor; waits until the cluster has reserved them all."""
-    pg = placement_group(bundles, strategy=strategy)
+def create_placement_group(bundles: list[dict], strategy: str, timeout_s: float = 60.0,
+                           label_selectors: list[dict] | None = None):
+    """One bundle per actor (``label_selectors``: the node labels each bundle needs, see
+    ``cluster/multinode.py``); waits until the cluster has reserved them all."""
+    pg = placement_group(bundles, strategy=strategy, bundle_label_selector=label_selectors)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -41,6 +44,6 @@ def create_placement_group(bundles: list[dict], strategy: str, timeout_s: float 
         raise ClusterError(
             f"the cluster could not reserve {len(bundles)} bundles ({need}) with strategy {strategy} "
             f"in {timeout_s:.0f}s; available: {ray.available_resources()}. Lower resources.cpus_per_actor, "
-            f"use fewer expert_ranks, or add nodes"
+            f"use fewer expert_ranks, or add nodes.{describe_missing(label_selectors, ray.nodes())}"
         ) from None
     return pg

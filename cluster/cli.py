@@ -187,11 +187,29 @@ def _add_plan(sub) -> None:
     p.set_defaults(func=plan_cli.run)
 
 
+def _add_serve(sub) -> None:
+    from deploy import cli as serve_cli
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and gRPC through Ray Serve")
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.run)
+
+
+def _add_k8s(sub) -> None:
+    from cluster import k8s
+
+    p = sub.add_parser("k8s", help="render and check KubeRay manifests (RayService, RayJob) for a deployment")
+    k8s.add_arguments(p)
+    p.set_defaults(func=k8s.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Distributed expert-parallel MoE serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
+    _add_serve(sub)
+    _add_k8s(sub)
     _add_demo(sub)
     return parser
 

@@ -7,6 +7,7 @@ value and the fix. Unknown fields are refused, so a typo never silently means "d
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,11 @@ class RayConfig:
     address: str | None = None  # None: embedded ray.init(); "auto" or host:port joins a cluster
     strategy: str = "PACK"  # placement group strategy for the front-end + expert ranks
     namespace: str = "raymoe"
+    node_label: str | None = None  # e.g. raymoe.io/node: pin plan node n's expert ranks to nodes labelled n
+
+
+# A Kubernetes-style label key (what `ray start --labels` accepts): [prefix/]name; ray.io/ is Ray's own.
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,10 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
            "null (embedded Ray), 'auto', or host:port of a cluster head", source)
     _check(r.strategy in STRATEGIES, "ray.strategy", r.strategy, f"one of {list(STRATEGIES)}", source)
     _check(isinstance(r.namespace, str) and bool(r.namespace), "ray.namespace", r.namespace, "a name", source)
+    _check(r.node_label is None or (isinstance(r.node_label, str) and bool(LABEL_KEY.match(r.node_label))
+                                    and not r.node_label.startswith("ray.io/")), "ray.node_label", r.node_label,
+           "null (no node pinning) or a node label key such as raymoe.io/node ([prefix/]name, not ray.io/...)",
+           source)
     res = c.resources
     _check(_is_number(res.cpus_per_actor) and 0 < res.cpus_per_actor <= 256, "resources.cpus_per_actor",
            res.cpus_per_actor, "a number in (0, 256]", source)

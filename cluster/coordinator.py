@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.bootstrap import cluster_gpus, connect, create_placement_group
 from cluster.config import DeploymentConfig, DeploymentConfigError
+from cluster.multinode import bundle_label_selectors, check_pinning
 from cluster.process_group import pick_backend
 from workers.coherent import CoherentRank
 from workers.experts import ExpertWorker
@@ -93,7 +94,10 @@ class Deployment(Engine):
         gpus = (1.0 if cluster_gpus() > 0 else 0.0) if res.gpus_per_actor == "auto" else float(res.gpus_per_actor)
         world = c.expert_ranks + (c.layout == "disaggregated")
         bundle = {"CPU": res.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
-        self.placement_group = create_placement_group([dict(bundle) for _ in range(world)], c.ray.strategy)
+        check_pinning(c, self.plan)
+        self.placement_group = create_placement_group([dict(bundle) for _ in range(world)], c.ray.strategy,
+                                                      label_selectors=bundle_label_selectors(
+                                                          self.plan, c.layout, c.ray.node_label))
 
         def options(index: int) -> dict:
             return dict(num_cpus=res.cpus_per_actor, num_gpus=gpus, max_restarts=0,

@@ -68,15 +68,18 @@ def token_generator(seed: int, index: int) -> torch.Generator:
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """``logits [V]`` -> probabilities ``[V]`` after temperature, top-k and top-p."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # Shift before dividing: with a tiny temperature the best token stays finite (0), the others -inf.
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        # keep the smallest prefix whose mass reaches top_p, and always the most likely token
         drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= params.top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         probs = probs / probs.sum()

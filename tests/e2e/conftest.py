@@ -1,5 +1,6 @@
 """Live servers for the end-to-end tests: Ray Serve on the session's Ray instance, with the
 raymoe application deployed from its real builder, reached by real clients over loopback.
+The fixtures live as long as this package's tests (Serve is shut down after them).
 
 Two applications share one Serve instance (one HTTP port, one gRPC port), each owning its
 own raymoe deployment (front-end + 2 expert ranks) of a tiny Mixtral with a character
@@ -23,7 +24,7 @@ import yaml
 
 from tests.tiny_models import save_char_tokenizer, save_tiny_model
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}[assistant]{% endif %}")
 MODEL_NAME = "tiny-chat"
 GUARDED_KEY = "test-key-0123456789"
@@ -57,19 +58,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chat_model(tmp_path_factory) -> Path:
     """A tiny Mixtral (6 experts, top-2, 3 layers) with a 96-character tokenizer and a chat template."""
     path = tmp_path_factory.mktemp("tiny-chat")
     save_tiny_model("mixtral", path, seed=11)
     save_char_tokenizer(path)
     config = json.loads((path / "tokenizer_config.json").read_text())
-    config.update(chat_template=CHAT_TEMPLATE, bos_token="")
+    config["chat_template"] = CHAT_TEMPLATE
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_instance(ray_session):
     """Ray Serve on the session's Ray: HTTP and gRPC proxies on free loopback ports."""
     from ray import serve
@@ -102,16 +103,33 @@ def _deploy(tmp_path_factory, serve_instance, model_dir: Path, app: str, prefix:
     return Server(base, f"127.0.0.1:{grpc_port}", app, MODEL_NAME, model_dir, api_key)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(tmp_path_factory, serve_instance, chat_model) -> Server:
     return _deploy(tmp_path_factory, serve_instance, chat_model, "main", "/",
                    {"max_seqs": 16, "max_queue": 256}, None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def guarded_server(tmp_path_factory, serve_instance, chat_model) -> Server:
     return _deploy(tmp_path_factory, serve_instance, chat_model, "guarded", "/guarded",
                    {"max_seqs": 2, "max_queue": 2}, GUARDED_KEY)
+
+
+@pytest.fixture(scope="package")
+def reference(chat_model):
+    """The single-process reference engine on the same model, one sequence at a time:
+    the text each request would get alone."""
+    from workers.reference import ReferenceEngine
+
+    return ReferenceEngine.from_pretrained(chat_model, max_seqs=1, max_seq_len=CONTEXT)
+
+
+def alone(reference, prompt: str | list[int], **params):
+    """The reference's completion of one prompt, generated alone."""
+    from workers.sampling import SamplingParams
+
+    ids = reference.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    return reference.generate_ids([ids], SamplingParams(**params))[0]
 
 
 def metric_samples(text: str) -> dict[tuple, float]:

@@ -168,3 +168,11 @@ def test_abort_frees_the_slot_for_the_next_request(engine):
     assert small.scheduler.free_slots == [0]
     result = small.step()
     assert list(result.tokens) == [second]
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 1.4e-45}, {"temperature": 0.7, "top_p": 5e-324},
+                                    {"temperature": 100.0, "top_k": 1}])
+def test_extreme_sampling_values_sample_the_best_token(engine, kwargs):
+    """Found by the API fuzzer: tiny temperatures or top_p once gave NaN probabilities."""
+    greedy = _alone(engine, PROMPTS[3], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert _alone(engine, PROMPTS[3], SamplingParams(max_new_tokens=5, seed=3, ignore_eos=True, **kwargs)) == greedy

@@ -1,0 +1,83 @@
+"""Chat messages -> prompt text, with the checkpoint's chat template or a documented fallback.
+
+The template is the Jinja2 ``chat_template`` of the checkpoint's ``tokenizer_config.json``
+(a string, or a list of named templates: "default" or the first is used), rendered the
+way transformers renders it: a sandboxed environment, ``trim_blocks``/``lstrip_blocks``,
+``messages``, ``add_generation_prompt=True``, ``bos_token``, ``eos_token`` and a
+``raise_exception`` function.
+
+A checkpoint without one gets ``FALLBACK_TEMPLATE``: one ``role: content`` line per
+message, then ``assistant:`` for the model to continue (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The template cannot be compiled, or refuses these messages; carries its message."""
+
+    def __init__(self, message: str, source: str):
+        self.source = source
+        super().__init__(f"chat template ({source}): {message}")
+
+
+def _raise_exception(message: str):
+    raise TemplateError(message)
+
+
+def _special(config: dict, name: str) -> str:
+    token = config.get(name)
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else ""
+
+
+def checkpoint_template(config: dict) -> str | None:
+    """The chat template of a tokenizer_config.json mapping, or None."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template else None
+
+
+class ChatRenderer:
+    """Renders message lists with one compiled template."""
+
+    def __init__(self, tokenizer_config: dict | None, tokenizer_adds_bos: bool = False):
+        config = tokenizer_config or {}
+        self.strip_bos = tokenizer_adds_bos
+        template = checkpoint_template(config)
+        self.source = "checkpoint" if template else "fallback"
+        self.bos_token, self.eos_token = _special(config, "bos_token"), _special(config, "eos_token")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = env.from_string(template or FALLBACK_TEMPLATE)
+        except TemplateError as exc:
+            raise ChatTemplateError(str(exc), self.source) from None
+
+    def render(self, messages: list[dict]) -> str:
+        """Messages (``role``, ``content`` text, optional ``name``) -> prompt text. Where
+        the tokenizer adds BOS itself, the template's own leading BOS text is dropped."""
+        try:
+            text = self.template.render(messages=messages, add_generation_prompt=True,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as exc:
+            raise ChatTemplateError(str(exc), self.source) from None
+        if self.strip_bos and self.bos_token and text.startswith(self.bos_token):
+            text = text[len(self.bos_token):]
+        return text

@@ -1,0 +1,117 @@
+"""OpenAI completion and chat requests -> engine submissions -> responses and chunks.
+
+A request becomes one engine request per (prompt, choice): choice ``j`` of a seeded
+request gets seed ``seed + j``, so choice 0 equals a single request with that seed. Choice
+indices are ``prompt_index * n + j``, as in OpenAI's API. Usage counts each prompt once
+and every generated token (end-of-sequence included).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import AsyncIterator
+
+from deploy import openai_api as api
+from deploy.errors import invalid
+from deploy.prompts import Limits
+from deploy.service import ModelService, Piece
+from workers.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What to submit: one entry per choice, in choice-index order."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    stops: list[tuple[str, ...]]
+    prompt_tokens: int  # each prompt counted once
+    prompt_param: str  # the request field that holds the prompt ("prompt" or "messages")
+
+
+def _limits(req: api.SamplingFields, max_tokens: int | None) -> Limits:
+    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+    return Limits(max_tokens=max_tokens,
+                  temperature=api.DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+                  top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
+                  stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos)
+
+
+def _refuse_unsupported(fields: list[str]) -> None:
+    if fields:
+        raise invalid(f"'{fields[0]}' is not supported by raymoe: leave it out (or send its neutral value)", fields[0])
+
+
+def _submission(service: ModelService, req: api.SamplingFields, prompts: list[list[int]],
+                max_tokens: list[int | None], prompt_param: str) -> Submission:
+    params, all_prompts = [], []
+    for prompt, tokens in zip(prompts, max_tokens):
+        base = service.encoder.sampling_params(_limits(req, tokens), len(prompt), prompt_param)
+        for j in range(req.n):
+            seed = None if req.seed is None else (req.seed + j) % 2**63
+            params.append(base if j == 0 else replace(base, seed=seed))
+            all_prompts.append(prompt)
+    stops = [req.stop_strings()] * len(all_prompts)
+    return Submission(all_prompts, params, stops, sum(map(len, prompts)), prompt_param)
+
+
+def plan_completion(service: ModelService, req: api.CompletionRequest) -> Submission:
+    service.check_model(req.model)
+    _refuse_unsupported(req.unsupported_fields())
+    prompts = service.encoder.completion_prompts(req.prompt)
+    room = service.encoder.context_len
+    tokens = [req.max_tokens if req.max_tokens is not None else min(api.DEFAULT_COMPLETION_TOKENS, room - len(p))
+              for p in prompts]
+    return _submission(service, req, prompts, tokens, "prompt")
+
+
+def plan_chat(service: ModelService, req: api.ChatCompletionRequest) -> Submission:
+    service.check_model(req.model)
+    _refuse_unsupported(req.unsupported_fields())
+    prompt = service.encoder.chat_prompt(req.message_dicts())
+    return _submission(service, req, [prompt], [req.requested_tokens()], "messages")
+
+
+async def respond(service: ModelService, plan: Submission, chat: bool) -> dict:
+    """The whole response (non-streaming)."""
+    streams = await service.start(plan.prompts, plan.params, plan.prompt_param)
+    choices = await service.collect(streams, plan.stops)
+    rows = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason} for c in choices]
+    generated = sum(len(c.token_ids) for c in choices)
+    build = api.chat_response if chat else api.completion_response
+    return build(api.new_id("chatcmpl" if chat else "cmpl"), service.name, rows, plan.prompt_tokens, generated)
+
+
+async def open_stream(service: ModelService, plan: Submission) -> list:
+    """Submit before the response starts, so refusals (429, 400) are still HTTP statuses."""
+    return await service.start(plan.prompts, plan.params, plan.prompt_param)
+
+
+async def chunks(service: ModelService, plan: Submission, streams: list, chat: bool,
+                 include_usage: bool) -> AsyncIterator[dict]:
+    """The chunks of a streamed response, in OpenAI's shape (``[DONE]`` is the caller's)."""
+    rid, created = api.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    if chat:
+        for index in range(len(streams)):
+            yield api.chat_chunk(rid, service.name, created, index, {"role": "assistant", "content": ""}, None)
+    generated = 0
+    try:
+        async with aclosing(service.stream(streams, plan.stops)) as pieces:
+            async for piece in pieces:
+                generated += len(piece.token_ids)
+                if piece.text or piece.finish_reason is not None:
+                    yield _chunk(service, rid, created, piece, chat)
+    finally:
+        service.abort(streams)  # the client went away: free the KV-cache slots now
+    if include_usage:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        yield api.usage_chunk(rid, service.name, created, obj, plan.prompt_tokens, generated)
+
+
+def _chunk(service: ModelService, rid: str, created: int, piece: Piece, chat: bool) -> dict:
+    if not chat:
+        return api.completion_chunk(rid, service.name, created, piece.index, piece.text, piece.finish_reason)
+    delta = {"content": piece.text} if piece.text else {}
+    return api.chat_chunk(rid, service.name, created, piece.index, delta, piece.finish_reason)

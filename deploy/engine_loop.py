@@ -1,0 +1,280 @@
+"""One thread drives the engine; every client request is a queue of events on its caller's
+asyncio loop.
+
+The engine (``workers.engine.Engine``: the distributed ``Deployment`` or the reference
+engine) is not thread-safe, and its ``step()`` blocks for a whole forward pass. So a
+single thread owns it: between two steps it takes the new requests and the aborts from
+an inbox, then runs one step over every running sequence (continuous batching) and
+hands each request its new token. Requests from HTTP, gRPC and Python callers all join
+the same batch; none waits for another to finish.
+
+Invariant: only the loop thread calls the engine. Callers talk to it through ``submit``
+and ``abort``, which are safe from any thread or event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Union
+
+from workers.engine import Completion, Engine
+from workers.sampling import SamplingParams
+
+log = logging.getLogger("raymoe.serve")
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine loop is not running (stopped, or a step failed); carries the cause."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the engine loop is not running: {reason}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    at: float  # time.perf_counter() when the step that sampled it returned
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    completion: Completion
+    at: float
+
+
+@dataclass(frozen=True)
+class FailEvent:
+    error: EngineStoppedError
+
+
+Event = Union[TokenEvent, FinishEvent, FailEvent]
+
+
+class RequestStream:
+    """The events of one request, in order: tokens, then one ``FinishEvent`` (or a
+    ``FailEvent`` when the engine died). Iterate it on the loop that submitted it."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], loop: asyncio.AbstractEventLoop):
+        self.request_id, self.prompt_ids, self.loop = request_id, prompt_ids, loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.arrived = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.done = False
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.queue.get()
+            yield event
+            if not isinstance(event, TokenEvent):
+                self.done = True
+                return
+
+
+@dataclass(frozen=True)
+class _Add:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    accepted: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class EngineLoop:
+    """Owns an engine and the thread that steps it.
+
+    ``observer`` (optional, e.g. ``deploy.metrics.ServingMetrics``) is called on the loop
+    thread: ``on_token(stream, now)`` before each token is handed over,
+    ``on_finish(stream, completion, now)``, ``on_abort(stream)``, after every step
+    ``on_step(engine, step_result, step_seconds)``, and ``on_load(waiting, running)``
+    whenever it has taken new requests. Metrics hook in here, outside the engine.
+    """
+
+    def __init__(self, engine: Engine, observer=None, idle_wait_s: float = 0.5):
+        self.engine, self.observer, self.idle_wait_s = engine, observer, idle_wait_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False  # set, under _inbox_lock, once the inbox is drained for good
+        self._inbox_lock = threading.Lock()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="raymoe-engine-loop", daemon=True)
+
+    # -- caller side (any thread) -----------------------------------------------------
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and self.failure is None and not self._stopping.is_set()
+
+    def check_running(self) -> None:
+        if self.failure is not None:
+            raise EngineStoppedError(f"a step failed: {self.failure!r}")
+        if not self.running:
+            raise EngineStoppedError("stopped")
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request; returns its stream once the engine has accepted it. Raises the
+        engine's ``RequestError`` / ``QueueFullError``, or ``EngineStoppedError``."""
+        return (await self.submit_all([(prompt_ids, params)]))[0]
+
+    async def submit_all(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+        """Queue several requests together (they join the same step); all or none: if one is
+        refused, the accepted ones are aborted and the first refusal is raised."""
+        self.check_running()
+        loop = asyncio.get_running_loop()
+        items = [_Add(list(ids), params, RequestStream(f"req-{next(self._ids)}", list(ids), loop),
+                      concurrent.futures.Future()) for ids, params in requests]
+        with self._inbox_lock:  # nothing enters the inbox after the loop's last look at it
+            if self._closed:
+                raise EngineStoppedError(f"a step failed: {self.failure!r}" if self.failure else "stopped")
+            for item in items:
+                self._inbox.put(item)
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(i.accepted) for i in items), return_exceptions=True)
+        except asyncio.CancelledError:  # the caller went away; drop whatever was accepted meanwhile
+            self._abort_accepted(items)
+            raise
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self._abort_accepted(items)
+            raise errors[0]
+        return [item.stream for item in items]
+
+    def _abort_accepted(self, items: list[_Add]) -> None:
+        for item in items:
+            future = item.accepted
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.abort(item.stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (its client went away); its KV-cache slot is freed before the next step."""
+        self._inbox.put(_Abort(request_id))
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop stepping; requests still in flight get a ``FailEvent``."""
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    # -- loop thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._take_inbox(block=not self.engine.has_work())
+                if self.observer is not None:
+                    self.observer.on_load(len(self.engine.scheduler.waiting), len(self.engine.scheduler.running))
+                if self._stopping.is_set() or not self.engine.has_work():
+                    continue
+                started = time.perf_counter()
+                result = self.engine.step()
+                now = time.perf_counter()
+                self._publish(result.tokens, result.finished, now)
+                if self.observer is not None:
+                    self.observer.on_step(self.engine, result, now - started)
+        except BaseException as exc:  # a dead actor, a collective timeout: the engine is unusable
+            log.exception("engine step failed; failing %d requests in flight", len(self._streams))
+            self.failure = exc
+        finally:
+            self._fail_all(EngineStoppedError(f"a step failed: {self.failure!r}" if self.failure else "stopped"))
+
+    def _take_inbox(self, block: bool) -> None:
+        """Apply queued adds and aborts; when idle, wait for the first one."""
+        try:
+            item = self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, _Add):
+                self._add(item)
+            elif isinstance(item, _Abort):
+                self._abort(item.request_id)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, item: _Add) -> None:
+        if not item.accepted.set_running_or_notify_cancel():  # the caller went away meanwhile
+            return
+        try:
+            self.engine.add_request(item.prompt_ids, item.params, item.stream.request_id)
+        except Exception as exc:  # RequestError, QueueFullError: the caller's to report
+            item.accepted.set_exception(exc)
+            return
+        self._streams[item.stream.request_id] = item.stream
+        item.accepted.set_result(item.stream.request_id)
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and self.engine.abort(request_id) and self.observer is not None:
+            self.observer.on_abort(stream)
+
+    def _publish(self, tokens: dict[str, int], finished: list[Completion], now: float) -> None:
+        """Hand each request its events; one thread-safe call per event loop per step."""
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for request_id, token in tokens.items():
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                if self.observer is not None:
+                    self.observer.on_token(stream, now)
+                stream.first_token_at = stream.first_token_at or now
+                stream.last_token_at = now
+                batches[stream.loop].append((stream.queue, TokenEvent(token, now)))
+        for completion in finished:
+            stream = self._streams.pop(completion.request_id, None)
+            if stream is not None:
+                if self.observer is not None:
+                    self.observer.on_finish(stream, completion, now)
+                batches[stream.loop].append((stream.queue, FinishEvent(completion, now)))
+        for loop, events in batches.items():
+            _call_soon(loop, _deliver, events)
+
+    def _fail_all(self, error: EngineStoppedError) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for stream in self._streams.values():
+            batches[stream.loop].append((stream.queue, FailEvent(error)))
+        self._streams.clear()
+        for loop, events in batches.items():
+            _call_soon(loop, _deliver, events)
+        with self._inbox_lock:
+            self._closed = True
+        while True:  # callers still waiting for acceptance
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add) and item.accepted.set_running_or_notify_cancel():
+                item.accepted.set_exception(error)
+
+
+def _deliver(events: list) -> None:
+    for q, event in events:
+        q.put_nowait(event)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that event loop is closed: nobody is listening any more
+        pass

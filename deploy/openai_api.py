@@ -1,0 +1,187 @@
+"""OpenAI request and response shapes: ``/v1/completions`` and ``/v1/chat/completions``.
+
+Requests are pydantic models with unknown fields forbidden and strict types (a string
+is not a number), so a bad request is refused before it reaches the model. Known OpenAI
+fields that raymoe does not implement are accepted at their neutral value and refused
+otherwise (``unsupported_fields``), naming the field. ``top_k``, ``ignore_eos`` and
+``stop_token_ids`` are extensions, as in vLLM (the openai client sends them through
+``extra_body``). Responses are plain dicts in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: pass temperature=0 for greedy decoding
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+StopString = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(_Strict):
+    """Fields both endpoints share."""
+
+    model: str = Field(min_length=1, description="the served model's name (GET /v1/models)")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; prompt + max_tokens <= context")
+    temperature: float | None = Field(None, ge=0, le=2, description=f"default {DEFAULT_TEMPERATURE}; 0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same tokens")
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: null or {}")
+    # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=-1, description="extension: keep the k most likely tokens; 0 or -1 = off")
+    ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence")
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = Field(None, description="extension")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def _common_unsupported(self) -> dict[str, Any]:
+        return {"presence_penalty": self.presence_penalty not in (None, 0),
+                "frequency_penalty": self.frequency_penalty not in (None, 0),
+                "logit_bias": bool(self.logit_bias)}
+
+
+Prompt = (Annotated[str, Field(description="text")] | list[str] | list[TokenId]
+          | list[Annotated[list[TokenId], Field(description="token ids")]])
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    echo: bool = Field(False, description="not supported: false")
+    logprobs: int | None = Field(None, description="not supported: null")
+    best_of: int | None = Field(None, description="not supported: null or 1")
+    suffix: str | None = Field(None, description="not supported: null")
+
+    def unsupported_fields(self) -> list[str]:
+        flags = self._common_unsupported() | {
+            "echo": self.echo, "logprobs": self.logprobs is not None, "best_of": self.best_of not in (None, 1),
+            "suffix": self.suffix is not None}
+        return [name for name, bad in flags.items() if bad]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1, description="preferred over max_tokens when both are set")
+    logprobs: bool | None = Field(None, description="not supported: null or false")
+    top_logprobs: int | None = Field(None, description="not supported: null")
+    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
+    tools: list[dict] | None = Field(None, description="not supported: null or []")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="not supported: null, 'none' or 'auto'")
+
+    def unsupported_fields(self) -> list[str]:
+        flags = self._common_unsupported() | {
+            "logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs is not None,
+            "response_format": self.response_format is not None and self.response_format.type != "text",
+            "tools": bool(self.tools)}
+        return [name for name, bad in flags.items() if bad]
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in self.messages]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
+# -- responses --------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """``choices``: ``{"index", "text", "finish_reason"}`` each."""
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None, "choices": [{**c, "logprobs": None} for c in choices],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: str | None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def chat_response(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """``choices``: ``{"index", "text", "finish_reason"}`` each."""
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                         "finish_reason": c["finish_reason"], "logprobs": None} for c in choices],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None,
+            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def model_card(name: str, created: int, context_len: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "raymoe", "max_model_len": context_len}

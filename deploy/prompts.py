@@ -1,0 +1,114 @@
+"""Prompts -> token ids, and request fields -> ``SamplingParams``, within the context window.
+
+Everything a request can get wrong about its prompt or its limits is caught here, before
+the engine sees it, as an ``APIError`` naming the field: an empty prompt, a token id
+outside the vocabulary, a prompt that fills the context window, ``max_tokens`` beyond
+it, a text prompt for a model without a tokenizer, sampling values out of range.
+
+The context window is ``min(batching.max_seq_len, max_position_embeddings)`` tokens,
+prompt and generated together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deploy.chat import ChatRenderer, ChatTemplateError
+from deploy.errors import APIError, from_engine_error, invalid
+from workers.sampling import SamplingParams, SamplingParamsError
+from workers.tokenizer import Tokenizer
+
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy; top_p values below it are raised to it
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for, by field (API names)."""
+
+    max_tokens: int | None  # None: the rest of the context window
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+class PromptEncoder:
+    """Turns prompts into token ids and checks them against the model."""
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, context_len: int):
+        self.tokenizer, self.vocab_size, self.context_len = tokenizer, vocab_size, context_len
+        self.chat = ChatRenderer(tokenizer.config if tokenizer else None, bool(tokenizer and tokenizer.add_bos))
+
+    def text(self, text: str, param: str = "prompt") -> list[int]:
+        if not text:
+            raise invalid(f"'{param}' is empty: send at least one character", param)
+        if self.tokenizer is None:
+            raise invalid("this model has no tokenizer: send the prompt as token ids", param)
+        return self.check(self.tokenizer.encode(text), param)
+
+    def ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        if not ids:
+            raise invalid(f"'{param}' is empty: send at least one token id", param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise invalid(f"'{param}' holds token id {bad[0]}: expected ids in [0, {self.vocab_size})", param)
+        return self.check(list(ids), param)
+
+    def completion_prompts(self, prompt: str | list) -> list[list[int]]:
+        """The four OpenAI prompt forms: text, texts, token ids, lists of token ids."""
+        if isinstance(prompt, str):
+            return [self.text(prompt)]
+        if not prompt:
+            raise invalid("'prompt' is empty: send text or token ids", "prompt")
+        if all(isinstance(p, str) for p in prompt):
+            return [self.text(p) for p in prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [self.ids(prompt)]
+        return [self.ids(p) for p in prompt]
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise invalid("this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
+                          "messages")
+        try:
+            text = self.chat.render(messages)
+        except ChatTemplateError as exc:
+            raise invalid(str(exc), "messages") from None
+        return self.text(text, "messages")
+
+    def check(self, ids: list[int], param: str) -> list[int]:
+        if len(ids) >= self.context_len:
+            raise APIError(400, f"'{param}' has {len(ids)} tokens; the context window is {self.context_len} tokens "
+                           f"(prompt + generated), so a prompt may have at most {self.context_len - 1}",
+                           "invalid_request_error", param, "context_length_exceeded")
+        return ids
+
+    def sampling_params(self, limits: Limits, prompt_len: int, prompt_param: str = "prompt") -> SamplingParams:
+        """``SamplingParams`` for one prompt; ``max_tokens`` must fit the context window."""
+        room = self.context_len - prompt_len
+        max_tokens = room if limits.max_tokens is None else limits.max_tokens
+        if max_tokens > room:
+            raise APIError(400, f"'max_tokens' = {max_tokens}, but the prompt has {prompt_len} tokens and the context "
+                           f"window is {self.context_len}: at most {room} new tokens fit", "invalid_request_error",
+                           "max_tokens", "context_length_exceeded")
+        if limits.stop and self.tokenizer is None:
+            raise invalid("stop strings need the model's tokenizer, which it does not have: use stop_token_ids",
+                          "stop")
+        bad = [t for t in limits.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise invalid(f"'stop_token_ids' holds {bad[0]}: expected ids in [0, {self.vocab_size})",
+                          "stop_token_ids")
+        # The sampler computes in float32: logits / 1e-45 overflows to inf and top_p = 5e-324 rounds
+        # to 0, both giving nan probabilities, which fail the step for the whole batch. So below
+        # SAMPLING_EPS a temperature means greedy (as in vLLM) and a top_p means SAMPLING_EPS.
+        temperature = 0.0 if limits.temperature < SAMPLING_EPS else limits.temperature
+        top_p = max(limits.top_p, SAMPLING_EPS)
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=limits.top_k, seed=limits.seed, stop=limits.stop,
+                                  stop_token_ids=limits.stop_token_ids, ignore_eos=limits.ignore_eos)
+        except SamplingParamsError as exc:
+            raise from_engine_error(exc, prompt_param) from None

@@ -1,0 +1,81 @@
+"""The Ray Serve application: one replica that owns one raymoe deployment (front-end +
+expert-rank actors) and serves it over HTTP (OpenAI API) and gRPC.
+
+    serve run deploy/serve_config.yaml                 # or: serve deploy ...
+    serve run deploy.server:build_app config=deploy/configs/tiny.yaml
+    python -m deploy.cli --config deploy/configs/tiny.yaml   # `raymoe serve`
+
+``build_app(args)`` is the Serve application builder; its arguments are read once, at the
+edge, by ``deploy/settings.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from deploy import grpc_service
+from deploy.engine_loop import EngineLoop
+from deploy.http_api import build_http_app
+from deploy.metrics import ServingMetrics
+from deploy.prompts import PromptEncoder
+from deploy.service import ModelService
+from deploy.settings import ServeArgs, ServeArgsError, ServerSettings, settings_from_args  # noqa: F401 (re-exported)
+
+log = logging.getLogger("raymoe.serve")
+
+GRPC_SERVICER = "deploy.grpc_stubs.add_RaymoeServiceServicer_to_server"
+HEADROOM_REQUESTS = 64  # Serve requests a replica takes beyond the engine's slots + queue (health, metrics)
+
+
+@serve.deployment(name="raymoe", ray_actor_options={"num_cpus": 0}, health_check_period_s=5,
+                  health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
+@serve.ingress()
+class RaymoeServer:
+    """The ingress replica: HTTP routes come from ``__serve_build_asgi_app__``; the gRPC
+    proxy calls ``Generate`` and ``GenerateStream`` by name."""
+
+    def __init__(self, settings: ServerSettings):
+        from cluster.coordinator import Deployment
+
+        config = settings.config
+        self.engine = Deployment(config)  # Ray is already up in a replica: this joins it
+        model = self.engine.model_config
+        context_len = min(config.batching.max_seq_len, model.max_position_embeddings)
+        metrics = ServingMetrics(settings.model_name, model.moe_layer_ids)
+        self.loop = EngineLoop(self.engine, metrics).start()
+        encoder = PromptEncoder(self.engine.tokenizer, model.vocab_size, context_len)
+        self.service = ModelService(settings.model_name, self.loop, encoder, metrics, settings.api_key)
+        log.info("raymoe serving %s: %s layout, %d expert ranks, context %d, max_seqs %d", settings.model_name,
+                 config.layout, config.expert_ranks, context_len, config.batching.max_seqs)
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.service)
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 (the gRPC method's name)
+        return await grpc_service.generate(self.service, request, grpc_context)
+
+    async def GenerateStream(self, request, grpc_context):  # noqa: N802
+        async for chunk in grpc_service.generate_stream(self.service, request, grpc_context):
+            yield chunk
+
+    def check_health(self) -> None:
+        """Serve replaces the replica (and so the deployment) when its engine loop died."""
+        self.loop.check_running()
+
+    def __del__(self):
+        if getattr(self, "loop", None) is not None:
+            self.loop.stop()
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve's application builder (``import_path: deploy.server:build_app``)."""
+    return app_for(settings_from_args(args))
+
+
+def app_for(settings: ServerSettings) -> serve.Application:
+    b = settings.config.batching
+    return RaymoeServer.options(max_ongoing_requests=b.max_seqs + b.max_queue + HEADROOM_REQUESTS).bind(settings)

@@ -1,0 +1,73 @@
+"""The application's settings, read once at the edge (no Ray import, so bad arguments fail fast).
+
+The Serve application builder's arguments (``ServeArgs``: ``args:`` in a Serve config
+file, or ``raymoe serve``'s flags): the raymoe deployment YAML, the served model name and
+the API key (``api_key``, else the environment variable named by ``api_key_env``, default
+``RAYMOE_API_KEY``). Relative paths are looked up in the current directory, then in the
+repository root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cluster.config import DeploymentConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServeArgsError(ValueError):
+    """A bad application argument; names it, its value and the fix."""
+
+    def __init__(self, name: str, value: object, fix: str):
+        self.name, self.value, self.fix = name, value, fix
+        super().__init__(f"raymoe serve argument '{name}' = {value!r}: {fix}")
+
+
+class ServeArgs(BaseModel):
+    """The application builder's arguments (``args:`` in a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: str  # a raymoe deployment YAML (deploy/configs/*.yaml)
+    model_name: str | None = None  # the name clients send as "model"; default: the model directory's name
+    api_key: str | None = None  # prefer api_key_env: a key in a config file is readable by whoever reads it
+    api_key_env: str = "RAYMOE_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    config: DeploymentConfig
+    model_name: str
+    api_key: str | None = field(default=None, repr=False)
+
+
+def resolve_path(path: str, what: str) -> str:
+    """A path as given, else relative to the current directory, else to the repository root."""
+    for candidate in (Path(path), Path.cwd() / path, ROOT / path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    where = sorted({str(Path.cwd()), str(ROOT)})
+    raise ServeArgsError(what, path, f"no such file or directory (looked in {' and '.join(where)})")
+
+
+def settings_from_args(args: dict) -> ServerSettings:
+    try:
+        parsed = ServeArgs(**(args or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(map(str, first["loc"])) or "args"
+        raise ServeArgsError(name, first.get("input"), f"{first['msg']}; known: {sorted(ServeArgs.model_fields)}") \
+            from None
+    config = load_config(resolve_path(parsed.config, "config"))
+    changes = {"model": resolve_path(config.model, "config: model")}
+    if config.placement.plan:
+        plan = resolve_path(config.placement.plan, "config: plan")
+        changes["placement"] = dataclasses.replace(config.placement, plan=plan)
+    config = config.replace(**changes)
+    api_key = parsed.api_key or os.environ.get(parsed.api_key_env) or None
+    return ServerSettings(config, parsed.model_name or Path(config.model).name, api_key)

@@ -1,0 +1,82 @@
+"""A gRPC client (stubs generated from deploy/raymoe.proto) through Ray Serve's gRPC
+proxy: unary and streaming give the HTTP API's text; refusals carry gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+import httpx2 as httpx
+import pytest
+
+from deploy.grpc_stubs import RaymoeServiceStub
+from deploy.grpc_stubs import raymoe_pb2 as pb
+from tests.e2e.conftest import GUARDED_KEY
+
+PROMPT = "class Stack:"
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield RaymoeServiceStub(channel)
+
+
+def _http_text(server, **body) -> dict:
+    r = httpx.post(f"{server.openai_base}/completions", json={"model": server.model, **body}, timeout=60,
+                   headers=server.headers())
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_unary_and_streaming_give_the_http_text(server, stub):
+    http = _http_text(server, prompt=PROMPT, max_tokens=20, temperature=0)
+    request = pb.GenerateRequest(model=server.model, prompt=PROMPT, max_tokens=20)  # temperature defaults to 0
+    unary = stub.Generate(request, metadata=server.grpc_metadata(), timeout=60)
+    assert unary.text == http["choices"][0]["text"]
+    assert unary.finish_reason == http["choices"][0]["finish_reason"]
+    assert unary.usage.prompt_tokens == http["usage"]["prompt_tokens"]
+    assert unary.usage.completion_tokens == len(unary.token_ids) == http["usage"]["completion_tokens"]
+
+    chunks = list(stub.GenerateStream(request, metadata=server.grpc_metadata(), timeout=60))
+    assert len(chunks) > 2
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert chunks[-1].finish_reason == unary.finish_reason and chunks[-1].usage.total_tokens == unary.usage.total_tokens
+    assert all(not c.finish_reason for c in chunks[:-1])
+
+
+def test_seeded_sampling_and_token_id_prompts(server, stub):
+    ids = [ord(ch) - 32 for ch in PROMPT]  # the character tokenizer
+    seeded = dict(max_tokens=12, temperature=0.9, seed=5)
+    by_ids = stub.Generate(pb.GenerateRequest(prompt_ids=ids, **seeded), metadata=server.grpc_metadata(), timeout=60)
+    http = _http_text(server, prompt=PROMPT, **seeded)
+    assert by_ids.text == http["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("request_fields,code,needle", [
+    (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "'prompt' is empty"),
+    (dict(prompt="x", prompt_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+    (dict(prompt="x", max_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT, "context window"),
+    (dict(prompt="x", temperature=7.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (dict(prompt_ids=[5, 10_000]), grpc.StatusCode.INVALID_ARGUMENT, "10000"),
+    (dict(prompt="x", model="gpt-4"), grpc.StatusCode.NOT_FOUND, "gpt-4"),
+])
+def test_bad_requests_get_status_codes(server, stub, request_fields, code, needle):
+    for call in (stub.Generate, lambda *a, **k: list(stub.GenerateStream(*a, **k))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(pb.GenerateRequest(**request_fields), metadata=server.grpc_metadata(), timeout=60)
+        assert info.value.code() == code and needle in info.value.details()
+    ok = stub.Generate(pb.GenerateRequest(prompt="ok", max_tokens=2), metadata=server.grpc_metadata(), timeout=60)
+    assert len(ok.token_ids) >= 1  # and the server keeps serving
+
+
+def test_api_key_is_required_over_grpc_too(guarded_server):
+    with grpc.insecure_channel(guarded_server.grpc_target) as channel:
+        stub = RaymoeServiceStub(channel)
+        request = pb.GenerateRequest(prompt="hi", max_tokens=3)
+        for key in ("", "wrong-key"):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(request, metadata=guarded_server.grpc_metadata(key) if key else
+                              (("application", guarded_server.app),), timeout=60)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Generate(request, metadata=guarded_server.grpc_metadata(GUARDED_KEY), timeout=60)
+        assert len(ok.token_ids) >= 1

@@ -1,0 +1,208 @@
+"""The serving layer's parts without a server: incremental text, chat templates, the
+engine loop (driving the single-process reference engine from many asyncio tasks) and
+the metrics arithmetic. No Ray, no HTTP: fast."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deploy.chat import FALLBACK_TEMPLATE, ChatRenderer, ChatTemplateError
+from deploy.engine_loop import EngineLoop, EngineStoppedError, FailEvent, FinishEvent, TokenEvent
+from deploy.metrics import ServingMetrics
+from deploy.text_stream import TextStream
+from tests.e2e.conftest import metric, metric_samples
+from workers.engine import finish_text
+from workers.sampling import SamplingParams
+from workers.stats import LayerTraffic, StepStats
+from workers.tokenizer import Tokenizer
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    if not (SHIPPED / "tokenizer.json").is_file():
+        pytest.skip("the shipped tiny-moe tokenizer is not there")
+    return Tokenizer(SHIPPED)
+
+
+class _Seq:  # what finish_text reads: the output ids and the request's stop strings
+    def __init__(self, ids, stop):
+        self.output_ids = ids
+        self.request = type("R", (), {"params": SamplingParams(stop=stop)})()
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(min_size=1, max_size=40), stop=st.lists(st.text(min_size=1, max_size=3), max_size=2))
+def test_streamed_pieces_concatenate_to_the_final_text(bpe, text, stop):
+    """Byte-level BPE splits characters across tokens; stop strings may straddle tokens."""
+    ids = bpe.encode(text)[1:]  # without BOS
+    final = finish_text(bpe, _Seq(ids, tuple(stop)))
+    stream = TextStream(bpe.decode, tuple(stop))
+    pieces = [stream.push(t) for t in ids]
+    assert all("\ufffd" not in p or "\ufffd" in text for p in pieces)
+    assert "".join(pieces) + stream.finish(final) == final
+
+
+def test_stop_string_prefix_is_held_back_until_it_is_decided():
+    stream = TextStream(lambda ids: "".join(chr(i) for i in ids), ("END",))
+    assert [stream.push(ord(c)) for c in "abE"] == ["a", "b", ""]
+    assert stream.push(ord("x")) == "Ex"  # not the stop string after all
+    assert [stream.push(ord(c)) for c in "EN"] == ["", ""]
+    assert stream.finish("abEx") == ""  # the engine cut the text before "END"
+
+
+def test_fallback_chat_template():
+    r = ChatRenderer({})
+    assert r.source == "fallback" and "assistant:" in FALLBACK_TEMPLATE
+    text = r.render([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert text == "system: be brief\nuser: hi\nassistant:"
+
+
+def test_checkpoint_chat_template_named_list_bos_and_errors():
+    template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    config = {"bos_token": {"content": "<s>"}, "chat_template": [{"name": "tool_use", "template": "x"},
+                                                                 {"name": "default", "template": template}]}
+    assert ChatRenderer(config).render([{"role": "user", "content": "hi"}]) == "<s><user>hi"
+    assert ChatRenderer(config, tokenizer_adds_bos=True).render([{"role": "user", "content": "hi"}]) == "<user>hi"
+    strict = {"chat_template": "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}ok"}
+    with pytest.raises(ChatTemplateError, match="user first"):
+        ChatRenderer(strict).render([{"role": "system", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="checkpoint"):
+        ChatRenderer({"chat_template": "{% for %}"})
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tmp_path_factory):
+    from tests.tiny_models import save_char_tokenizer, save_tiny_model
+    from workers.reference import ReferenceEngine
+
+    path = tmp_path_factory.mktemp("loop-model")
+    save_tiny_model("mixtral", path, seed=3)
+    save_char_tokenizer(path)
+
+    def make(**kwargs):
+        return ReferenceEngine.from_pretrained(path, max_seqs=4, **kwargs)
+    return make
+
+
+async def _collect(loop: EngineLoop, prompt: list[int], params: SamplingParams):
+    stream = await loop.submit(prompt, params)
+    tokens, done = [], None
+    async for event in stream:
+        if isinstance(event, TokenEvent):
+            tokens.append(event.token_id)
+        elif isinstance(event, FinishEvent):
+            done = event.completion
+    return tokens, done
+
+
+def test_engine_loop_batches_concurrent_callers(reference_engine):
+    prompts = [[5 + i, 17, 33 + i][: 1 + i % 3] for i in range(10)]
+    params = [SamplingParams(max_new_tokens=3 + i, ignore_eos=True) for i in range(10)]
+    want = [c.output_ids for c in reference_engine(max_seq_len=64).generate_ids(prompts, params)]
+    engine = reference_engine(max_seq_len=64)
+    loop = EngineLoop(engine, idle_wait_s=0.05).start()
+    try:
+        async def main():
+            return await asyncio.gather(*(_collect(loop, p, sp) for p, sp in zip(prompts, params)))
+        results = asyncio.run(main())
+    finally:
+        loop.stop()
+    for (tokens, done), expected in zip(results, want):
+        assert tokens == done.output_ids == expected
+    assert max(s.sequences for s in engine.stats.per_step) == 4  # 10 callers, 4 slots, one batch
+
+
+def test_engine_loop_abort_and_refusals(reference_engine):
+    engine = reference_engine(max_seq_len=256)
+    engine.max_queue = 1
+    loop = EngineLoop(engine, idle_wait_s=0.05).start()
+    try:
+        async def main():
+            from workers.engine import QueueFullError
+            from workers.scheduler import RequestError
+
+            with pytest.raises(RequestError):
+                await loop.submit(list(range(300)), SamplingParams())  # longer than max_seq_len
+            long = SamplingParams(max_new_tokens=250, ignore_eos=True)
+            running = []
+            for _ in range(4):  # the 4 KV slots, each running once it has a token
+                running.append(await loop.submit([1, 2], long))
+                assert isinstance(await anext(aiter(running[-1])), TokenEvent)
+            waiting = await loop.submit([1, 2], long)  # no free slot: waits, and fills the queue of 1
+            with pytest.raises(QueueFullError):
+                await loop.submit([1, 2], long)
+            for s in running + [waiting]:
+                loop.abort(s.request_id)
+            return await _collect(loop, [3, 4], SamplingParams(max_new_tokens=2))
+        tokens, done = asyncio.run(main())
+        assert len(tokens) == 2 and done.finish_reason == "length"
+        assert not engine.has_work()  # the aborted requests left nothing behind
+    finally:
+        loop.stop()
+
+
+def test_engine_loop_failure_reaches_every_caller(reference_engine):
+    engine = reference_engine(max_seq_len=32)
+    original = engine._execute
+    calls = []
+
+    def failing(step):
+        calls.append(step)
+        if len(calls) == 3:
+            raise RuntimeError("expert rank 1 died")
+        return original(step)
+    engine._execute = failing
+    loop = EngineLoop(engine, idle_wait_s=0.05).start()
+
+    async def main():
+        stream = await loop.submit([1, 2, 3], SamplingParams(max_new_tokens=10, ignore_eos=True))
+        events = [e async for e in stream]
+        assert isinstance(events[-1], FailEvent) and "expert rank 1 died" in events[-1].error.reason
+        with pytest.raises(EngineStoppedError):
+            await loop.submit([1], SamplingParams())
+    asyncio.run(main())
+    assert not loop.running and isinstance(loop.failure, RuntimeError)
+
+
+def test_balancedness_is_mean_over_max_rank_load():
+    m = ServingMetrics("m", moe_layer_ids=(1, 3))
+
+    class Engine:  # what on_step reads
+        scheduler = type("S", (), {"waiting": [], "running": [1, 2]})()
+        stats = type("T", (), {"per_step": []})()
+
+    def traffic(pairs):
+        return LayerTraffic(pairs, pairs, 10, 10, 0, 2, 1)
+    Engine.stats.per_step.append(StepStats(6, 2, [traffic([3, 1]), traffic([2, 2])]))
+    m.on_step(Engine, None, 0.01)
+    Engine.stats.per_step.append(StepStats(6, 2, [traffic([1, 3]), traffic([4, 0])]))
+    m.on_step(Engine, None, 0.01)
+    samples = metric_samples(m.render().decode())
+    assert metric(samples, "raymoe_expert_balancedness", layer=1) == pytest.approx(1.0)  # 4 / 4
+    assert metric(samples, "raymoe_expert_balancedness", layer=3) == pytest.approx(4 / 6)  # mean 4, max 6
+    assert metric(samples, "raymoe_expert_rank_load_total", layer=3, rank=0) == 6
+    assert metric(samples, "raymoe_running_sequences") == 2
+    assert metric(samples, "raymoe_step_sequences_count") == 2
+    assert ("raymoe_cross_device_fraction", (("layer", "1"),)) not in samples  # disaggregated: not reported
+
+
+def test_cross_device_fraction_from_the_coherent_layouts_transitions():
+    m = ServingMetrics("m", moe_layer_ids=(0,))
+
+    class Engine:
+        scheduler = type("S", (), {"waiting": [], "running": []})()
+        stats = type("T", (), {"per_step": []})()
+
+    for hosted, stayed in ((10, 6), (10, 9)):
+        Engine.stats.per_step.append(StepStats(10, 1, [LayerTraffic([5, 5], [5, 5], 0, 0, 0, 1, 1, 0, hosted, stayed)]))
+        m.on_step(Engine, None, 0.01)
+    samples = metric_samples(m.render().decode())
+    assert metric(samples, "raymoe_cross_device_fraction", layer=0) == pytest.approx(5 / 20)
+    assert metric(samples, "raymoe_stayed_tokens_total", layer=0) == 15
