@@ -133,7 +133,7 @@ def test_heuristic_solves_qwen_sized_instance_in_time():
 
     from placement.synthetic import skewed_markov_trace
 
-    path = Path("/work/shared/data/qwen3-30b-a3b-loads/expert_loads.npy")
+    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "qwen3-30b-a3b-loads" / "expert_loads.npy"
     if not path.exists():
         pytest.skip("Qwen3 loads not available")
     stats = skewed_markov_trace(np.load(path).astype(float), 4000, 8, 0.3, seed=1).stats()

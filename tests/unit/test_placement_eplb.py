@@ -15,8 +15,9 @@ from placement.metrics import imbalance_of, rank_loads
 from placement.plan import build_plan
 from placement.replicate import balanced_packing, rebalance_experts, replicate_experts
 
-EXAMPLE = Path("/work/shared/data/eplb_example.json")
-QWEN_LOADS = Path("/work/shared/data/qwen3-30b-a3b-loads/expert_loads.npy")
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the repository
+EXAMPLE = SHARED_DATA / "eplb_example.json"
+QWEN_LOADS = SHARED_DATA / "qwen3-30b-a3b-loads" / "expert_loads.npy"
 
 
 @pytest.mark.skipif(not EXAMPLE.exists(), reason="shared EPLB example not available")
