@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# DeepSpeed for the DeepSpeed-MoE baseline of `python -m benchmarks.compare` (optional: without it
+# that row and its test are skipped). Its ops are compiled just in time, never at install.
+bench-deps: $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
+	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
