@@ -74,8 +74,10 @@ def test_shipped_checkpoint_matches_transformers():
     want = _hf_logits(TINY, ids)
     assert type(transformers.AutoConfig.from_pretrained(TINY)).__name__ == "MixtralConfig"
     assert got.shape == want.shape == (len(ids), config["vocab_size"])
-    diff = (got - want).abs().max().item()
-    assert diff <= 1e-5, f"max |logits diff| = {diff}"
+    # Trained logits reach |10-20|, where one float32 ulp is ~1e-6 and summation order alone
+    # moves the result by ~1e-5: an element-wise bound of 1e-5 + 1e-6 * |logit| (the random
+    # tiny models of every family keep the plain 1e-5, test_model_equivalence.py).
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
 
 
 def test_shipped_model_has_learned_python():
