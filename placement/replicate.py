@@ -188,8 +188,8 @@ def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int
 
 def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int | None,
                       num_nodes: int, num_gpus: int) -> EplbResult:
-    """Entry point of EPLB: hierarchical when ``num_groups % num_nodes == 0``, and the
-    global policy otherwise (or when ``num_groups`` is None).
+    """Entry point of EPLB: the hierarchical policy when ``num_groups % num_nodes == 0``,
+    else (or when ``num_groups`` is None) the single-level one.
 
     weight: [layers, num_logical] load statistics. Returns phy2log [layers,
     num_replicas], log2phy [layers, num_logical, max_replicas] (-1 padded), logcnt
