@@ -60,6 +60,8 @@ def test_every_policy_gives_a_valid_plan(policy, seed, num_experts, num_ranks, n
     if policy == "eplb":
         redundant += -(num_experts + redundant) % num_ranks      # EPLB packs equal slot counts
     assume(redundant <= num_experts * (num_ranks - 1))
+    if policy == "affinity" and num_nodes > 1:       # and the same bound within each node
+        assume(redundant // num_nodes <= num_experts // num_nodes * (num_ranks // num_nodes - 1))
     stats = random_trace(seed, num_layers, num_experts, top_k).stats()
     options = {"solver": "heuristic"} if policy == "affinity" else {}
     plan = build_plan(policy, num_layers=num_layers, num_experts=num_experts, num_ranks=num_ranks,
