@@ -39,6 +39,7 @@ class BatchingConfig:
     max_seqs: int = 16  # sequences decoded together (one KV-cache slot each)
     max_seq_len: int = 1024  # prompt + generated tokens per sequence
     max_queue: int = 256  # waiting requests beyond which new ones are refused
+    max_wait_s: float | None = None  # refuse a request whose expected wait for a KV slot is longer (None: no limit)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,13 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    max_attempts: int = 3  # recoveries tried for one step before its error is raised (0: fail at once)
+    step_timeout_s: float = 600.0  # a step silent this long counts as hung even if no collective timed out
+    settle_s: float = 10.0  # after one rank fails, how long the others get to return before counting as hung
+
+
+@dataclass(frozen=True)
 class DeploymentConfig:
     model: str
     dtype: str = "float32"
@@ -71,8 +79,10 @@ class DeploymentConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     backend: str = "auto"
     collective_timeout_s: float = 120.0
+    check_finite: bool = False  # scan every weight for NaN/Inf before any actor starts; refuse if found
 
     def replace(self, **changes: Any) -> "DeploymentConfig":
         """A copy with top-level fields changed (CLI overrides), validated again."""
@@ -82,7 +92,7 @@ class DeploymentConfig:
 
 
 _SECTIONS = {"placement": PlacementConfig, "batching": BatchingConfig, "ray": RayConfig,
-             "resources": ResourcesConfig}
+             "resources": ResourcesConfig, "recovery": RecoveryConfig}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -93,6 +103,10 @@ def _build(cls, data: Any, prefix: str, source: str):
     if not isinstance(data, dict):
         raise DeploymentConfigError(prefix or "<root>", data, "expected a mapping of fields", source)
     known = _fields(cls)
+    odd = [key for key in data if not isinstance(key, str)]  # YAML allows `1: x`, `null: x`, `[a]: x`
+    if odd:
+        name = f"{prefix}.{odd[0]}" if prefix else str(odd[0])
+        raise DeploymentConfigError(name, data[odd[0]], f"not a field name; known fields: {sorted(known)}", source)
     unknown = sorted(set(data) - set(known))
     if unknown:
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
@@ -142,6 +156,8 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
     _check(_is_int(b.max_seq_len) and 2 <= b.max_seq_len <= 1 << 20, "batching.max_seq_len", b.max_seq_len,
            "an integer in [2, 1048576]", source)
     _check(_is_int(b.max_queue) and b.max_queue >= 1, "batching.max_queue", b.max_queue, "an integer >= 1", source)
+    _check(b.max_wait_s is None or (_is_number(b.max_wait_s) and 0 < b.max_wait_s <= 3600), "batching.max_wait_s",
+           b.max_wait_s, "null (no limit) or seconds in (0, 3600]", source)
     r = c.ray
     _check(r.address is None or (isinstance(r.address, str) and bool(r.address)), "ray.address", r.address,
            "null (embedded Ray), 'auto', or host:port of a cluster head", source)
@@ -158,6 +174,14 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
            "resources.gpus_per_actor", res.gpus_per_actor, "'auto' or a number in [0, 8]", source)
     _check(_is_int(res.threads_per_actor) and 1 <= res.threads_per_actor <= 256, "resources.threads_per_actor",
            res.threads_per_actor, "an integer in [1, 256]", source)
+    rc = c.recovery
+    _check(_is_int(rc.max_attempts) and 0 <= rc.max_attempts <= 100, "recovery.max_attempts", rc.max_attempts,
+           "an integer in [0, 100]", source)
+    _check(_is_number(rc.step_timeout_s) and 1 <= rc.step_timeout_s <= 86400, "recovery.step_timeout_s",
+           rc.step_timeout_s, "seconds in [1, 86400]", source)
+    _check(_is_number(rc.settle_s) and 0 < rc.settle_s <= 3600, "recovery.settle_s", rc.settle_s,
+           "seconds in (0, 3600]", source)
+    _check(isinstance(c.check_finite, bool), "check_finite", c.check_finite, "true or false", source)
     _check(c.backend in BACKENDS, "backend", c.backend, f"one of {list(BACKENDS)}", source)
     _check(_is_number(c.collective_timeout_s) and 1 <= c.collective_timeout_s <= 3600, "collective_timeout_s",
            c.collective_timeout_s, "seconds in [1, 3600]", source)
@@ -180,6 +204,9 @@ def load_config(path: str | Path) -> DeploymentConfig:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise DeploymentConfigError("<file>", str(path), f"cannot read the file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DeploymentConfigError("<file>", str(path), f"not valid YAML ({exc})") from None
+    except RecursionError:
+        raise DeploymentConfigError("<file>", str(path), "nested too deeply to parse: a deployment config is a few "
+                                    "levels of mappings") from None
     return parse_config(data, str(path))

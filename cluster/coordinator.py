@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import ray
 import torch
@@ -20,11 +21,12 @@ from cluster.bootstrap import cluster_gpus, connect, create_placement_group
 from cluster.config import DeploymentConfig, DeploymentConfigError
 from cluster.multinode import bundle_label_selectors, check_pinning
 from cluster.process_group import pick_backend
+from cluster.recovery import Recovery, StepFailure, settle, wait_all
 from workers.coherent import CoherentRank
-from workers.experts import ExpertWorker
-from workers.expert_map import layer_maps
-from workers.frontend import FrontEnd
 from workers.engine import Engine
+from workers.expert_map import layer_maps
+from workers.experts import ExpertWorker
+from workers.frontend import FrontEnd
 from workers.model.checkpoint import Checkpoint
 from workers.reference import eos_ids
 from workers.scheduler import Scheduler
@@ -67,6 +69,9 @@ class Deployment(Engine):
         self.dtype = DTYPES[config.dtype]
         # Everything that can be wrong with the checkpoint is reported here, before any actor starts.
         ckpt = Checkpoint(config.model, config.moge_groups)
+        ckpt.check_shapes()  # from the shard headers: a wrong shape would otherwise fail inside the actors
+        if config.check_finite:
+            ckpt.check_finite()
         self.model_config = model = ckpt.config
         if plan is None:
             plan = resolve_plan(config, len(model.moe_layer_ids), model.num_experts)
@@ -79,6 +84,7 @@ class Deployment(Engine):
                               tokenizer.decode if tokenizer else None, model.vocab_size)
         super().__init__(scheduler, tokenizer, b.max_queue)
         self.stats = RuntimeStats()
+        self.recoveries: list[Recovery] = []
         self.actors: list = []
         self.placement_group = None
         connect(config.ray)
@@ -91,39 +97,53 @@ class Deployment(Engine):
     # -- start and stop --------------------------------------------------------------
     def _start_actors(self) -> None:
         c, res = self.config, self.config.resources
-        gpus = (1.0 if cluster_gpus() > 0 else 0.0) if res.gpus_per_actor == "auto" else float(res.gpus_per_actor)
-        world = c.expert_ranks + (c.layout == "disaggregated")
-        bundle = {"CPU": res.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
+        self.gpus = (1.0 if cluster_gpus() > 0 else 0.0) if res.gpus_per_actor == "auto" else float(res.gpus_per_actor)
+        if c.backend == "nccl" and not self.gpus:
+            raise DeploymentConfigError("backend", "nccl", "NCCL needs a GPU per actor and this deployment has none "
+                                        "(resources.gpus_per_actor, or a cluster without GPUs); use auto or gloo")
+        self.world = c.expert_ranks + (c.layout == "disaggregated")
+        self.backend = pick_backend(c.backend) if self.gpus else "gloo"
+        bundle = {"CPU": res.cpus_per_actor, **({"GPU": self.gpus} if self.gpus else {})}
         check_pinning(c, self.plan)
-        self.placement_group = create_placement_group([dict(bundle) for _ in range(world)], c.ray.strategy,
+        self.placement_group = create_placement_group([dict(bundle) for _ in range(self.world)], c.ray.strategy,
                                                       label_selectors=bundle_label_selectors(
                                                           self.plan, c.layout, c.ray.node_label))
-
-        def options(index: int) -> dict:
-            return dict(num_cpus=res.cpus_per_actor, num_gpus=gpus, max_restarts=0,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index))
-
-        maps = layer_maps(self.plan)
-        if c.layout == "coherent":  # every rank is a front-end and an expert rank
-            self.actors = [ray.remote(CoherentRank).options(**options(r)).remote(
-                c.model, self.dtype, r, maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor)
-                for r in range(c.expert_ranks)]
-        else:
-            self.frontend = ray.remote(FrontEnd).options(**options(0)).remote(
-                c.model, self.dtype, maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor, 1)
-            self.workers = [
-                ray.remote(ExpertWorker).options(**options(1 + r)).remote(
-                    c.model, self.dtype, r, maps, c.moge_groups, res.threads_per_actor)
-                for r in range(c.expert_ranks)
-            ]
-            self.actors = [self.frontend, *self.workers]
-        address = ray.get(self.actors[0].rendezvous.remote())
-        backend = pick_backend(c.backend) if gpus else "gloo"
-        ray.get([a.join.remote(backend, address, rank, world, c.collective_timeout_s)
-                 for rank, a in enumerate(self.actors)])
-        self.rendezvous = address
+        self.maps = layer_maps(self.plan)
+        self.actors = [self._new_actor(index) for index in range(self.world)]
+        self._join_all()
         log.info("%s deployment up: %d expert ranks, backend %s, rendezvous %s",
-                 c.layout, c.expert_ranks, backend, address)
+                 c.layout, c.expert_ranks, self.backend, self.rendezvous)
+
+    def _new_actor(self, index: int):
+        """The actor at position ``index`` (= its process-group rank) of the placement group:
+        coherent: rank ``index``; disaggregated: 0 the front-end, then expert rank ``index - 1``."""
+        c, res = self.config, self.config.resources
+        options = dict(num_cpus=res.cpus_per_actor, num_gpus=self.gpus, max_restarts=0,
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index))
+        if c.layout == "coherent":  # every rank is a front-end and an expert rank
+            return ray.remote(CoherentRank).options(**options).remote(
+                c.model, self.dtype, index, self.maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor)
+        if index == 0:
+            return ray.remote(FrontEnd).options(**options).remote(
+                c.model, self.dtype, self.maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor, 1)
+        return ray.remote(ExpertWorker).options(**options).remote(
+            c.model, self.dtype, index - 1, self.maps, c.moge_groups, res.threads_per_actor)
+
+    def _join_all(self) -> None:
+        """Every actor joins a new process group, meeting at a fresh address on rank 0's node.
+        Waits for every actor to be up first (the join must not time out on a slow start)."""
+        ray.get([a.where.remote() for a in self.actors])
+        self.rendezvous = ray.get(self.actors[0].rendezvous.remote())
+        ray.get([a.join.remote(self.backend, self.rendezvous, rank, self.world, self.config.collective_timeout_s)
+                 for rank, a in enumerate(self.actors)])
+
+    @property
+    def frontend(self):
+        return self.actors[0]
+
+    @property
+    def workers(self) -> list:
+        return self.actors[1:]
 
     def shutdown(self) -> None:
         """Kill the actors (ending their process-group membership) and free the placement group."""
@@ -142,11 +162,25 @@ class Deployment(Engine):
 
     # -- one step ------------------------------------------------------------------
     def _execute(self, step: StepInput) -> StepOutput:
+        """Run a step; when an actor dies or hangs, recover and replay it (``_recover``)."""
+        r = self.config.recovery
+        for attempt in range(r.max_attempts + 1):
+            started = time.perf_counter()
+            try:
+                return self._execute_once(step)
+            except StepFailure as failure:
+                if attempt == r.max_attempts:
+                    raise
+                self._recover(failure, step.step_id, time.perf_counter() - started)
+                step = self._replay(step)
+        raise AssertionError("unreachable")
+
+    def _execute_once(self, step: StepInput) -> StepOutput:
         """Exactly one Ray call per actor; the actors then run the step's collectives."""
         if self.config.layout == "coherent":
             return self._execute_coherent(step)
         refs = [self.frontend.step.remote(step)] + [w.step.remote(step.step_id) for w in self.workers]
-        out, *worker_stats = ray.get(refs)
+        out, *worker_stats = self._wait(refs)
         expert_seconds = max((w.expert_seconds for w in worker_stats), default=0.0)
         out.stats.seconds["experts"] = expert_seconds
         out.stats.seconds["combine"] = max(0.0, out.stats.seconds["combine"] - expert_seconds)
@@ -154,8 +188,70 @@ class Deployment(Engine):
         self.stats.add(out.stats)
         return out
 
+    def _wait(self, refs: list) -> list:
+        r = self.config.recovery
+        return wait_all(refs, r.settle_s, r.step_timeout_s)
+
+    # -- recovery --------------------------------------------------------------------
+    def _recover(self, failure: StepFailure, step_id: int, detect_seconds: float, replace_all: bool = False) -> None:
+        """Replace the dead and hung actors (a new actor reloads its weights from the
+        checkpoint), have the survivors leave the broken group (one that cannot is
+        replaced too), and rebuild the process group with every actor."""
+        started = time.perf_counter()
+        log.warning("step %d failed (%s); recovering", step_id, failure)
+        broken = set(range(len(self.actors))) if replace_all else set(failure.broken)
+        survivors = [i for i in range(len(self.actors)) if i not in broken]
+        left = settle([self.actors[i].leave.remote() for i in survivors], self.config.recovery.settle_s)
+        broken |= {i for i, ok in zip(survivors, left) if not ok}
+        for i in sorted(broken):
+            ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self._new_actor(i)
+        self._join_all()
+        record = Recovery(step_id, sorted(broken), failure.dead, failure.hung, detect_seconds,
+                          time.perf_counter() - started, len(self.scheduler.running), str(failure)[:300])
+        self.recoveries.append(record)
+        log.warning("recovered from the failure of step %d in %.1f s (noticed after %.1f s): replaced actors %s; "
+                    "%d sequences replay from their committed tokens", step_id, record.seconds, detect_seconds,
+                    record.replaced, record.replayed_seqs)
+
+    def _replay(self, step: StepInput) -> StepInput:
+        """The step again, every sequence re-prefilling its committed tokens (prompt and the
+        tokens sampled so far): a replaced actor's KV cache is empty, and a survivor's may
+        hold half a step. Sampling is stateless per (seed, token index), so the replayed
+        step samples what the failed one would have."""
+        for seq in self.scheduler.running:
+            seq.cached = 0
+        return StepInput(step.step_id, [self._seq_step(s) for s in self.scheduler.running], step.return_logits)
+
+    # -- plan changes ----------------------------------------------------------------
+    def set_plan(self, plan) -> dict:
+        """Switch to a new placement plan between steps: expert weights move between the
+        ranks over the process group (``workers/replan.py``), and the next step dispatches
+        by the new plan. Running requests carry on (their KV caches stay). Returns what
+        moved: ``{"experts": copies sent, "bytes": bytes sent, "collectives": per actor,
+        "seconds": s}``. If an actor fails meanwhile, every actor is restarted with the
+        new plan and the running requests replay."""
+        check_plan(plan, self.config.expert_ranks, len(self.model_config.moe_layer_ids), self.model_config.num_experts)
+        check_pinning(self.config, plan)
+        if self.config.ray.node_label and bundle_label_selectors(plan, self.config.layout, self.config.ray.node_label) \
+                != bundle_label_selectors(self.plan, self.config.layout, self.config.ray.node_label):
+            raise DeploymentConfigError("placement.plan", "nodes", "a live plan change keeps every rank on its node; "
+                                        "redeploy to move ranks between nodes")
+        started = time.perf_counter()
+        maps = layer_maps(plan)
+        self.plan, self.maps = plan, maps
+        try:
+            moved = self._wait([a.set_maps.remote(maps) for a in self.actors])
+        except StepFailure as failure:
+            self._recover(failure, -1, time.perf_counter() - started, replace_all=True)
+            for seq in self.scheduler.running:
+                seq.cached = 0
+            moved = []
+        return {"experts": sum(m.experts_sent for m in moved), "bytes": sum(m.bytes_sent for m in moved),
+                "collectives": moved[0].collectives if moved else 0, "seconds": time.perf_counter() - started}
+
     def _execute_coherent(self, step: StepInput) -> StepOutput:
-        outs = ray.get([rank.step.remote(step) for rank in self.actors])
+        outs = self._wait([rank.step.remote(step) for rank in self.actors])
         tokens = {b: t for out in outs for b, t in out.tokens.items()}
         assert sorted(tokens) == list(range(len(step.seqs))), "every sequence is sampled on exactly one rank"
         layers = [functools.reduce(LayerTraffic.add, per_rank) for per_rank in zip(*(o.layers for o in outs))]

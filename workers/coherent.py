@@ -25,6 +25,7 @@ from workers.model.attention import cache_shapes
 from workers.model.batch import ForwardBatch
 from workers.model.checkpoint import Checkpoint, load_model
 from workers.rank import RankActor
+from workers.replan import MoveStats, move_experts
 from workers.sampling import sample
 from workers.stats import LayerTraffic
 from workers.step import StepInput
@@ -58,6 +59,16 @@ class CoherentRank(RankActor):
         self.cache = CoherentKVCache(cache_shapes(self.config), self.max_seqs, self.dtype, self.device, self.group)
         self.moe = CoherentMoE(self.maps, self.stacks, self.group, rank, self.config.top_k)
         return rank
+
+    @torch.inference_mode()
+    def set_maps(self, maps: list[LayerMap]) -> MoveStats:
+        """Take up a new plan: expert weights move between the ranks (``workers/replan.py``)."""
+        shape = (self.config.hidden_size, self.config.moe_intermediate_size)
+        self.stacks, stats = move_experts(self.stacks, self.maps, maps, self.rank_index, 0, self.group, shape,
+                                          self.dtype, self.device)
+        self.maps = [m.to(self.device) for m in maps]
+        self.moe = CoherentMoE(self.maps, self.stacks, self.group, self.rank_index, self.config.top_k)
+        return stats
 
     @torch.inference_mode()
     def step(self, step: StepInput) -> CoherentOutput:

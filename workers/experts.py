@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 import torch.distributed as dist
 
 from workers.dispatch import exchange_combine, exchange_dispatch, row_bytes, run_experts
@@ -16,6 +15,7 @@ from workers.expert_map import LayerMap
 from workers.model.checkpoint import Checkpoint
 from workers.model.experts import ExpertStack
 from workers.rank import RankActor
+from workers.replan import MoveStats, move_experts
 from workers.step import WorkerStepStats
 
 
@@ -40,14 +40,22 @@ class ExpertWorker(RankActor):
         super().__init__(threads)
         ckpt = Checkpoint(model_path, moge_groups)
         config = ckpt.config
-        self.expert_rank, self.dtype = expert_rank, dtype
-        self.hidden, self.top_k = config.hidden_size, config.top_k
+        self.expert_rank, self.dtype, self.maps = expert_rank, dtype, maps
+        self.hidden, self.top_k, self.inter = config.hidden_size, config.top_k, config.moe_intermediate_size
         self.row_bytes = row_bytes(config.hidden_size, config.top_k, dtype)
         self.stacks = load_expert_stacks(ckpt, maps, expert_rank, dtype, self.device)
 
     def hosted(self) -> list[int]:
         """Number of expert slots per MoE layer held here."""
         return [s.num_experts for s in self.stacks]
+
+    @torch.inference_mode()
+    def set_maps(self, maps: list[LayerMap]) -> MoveStats:
+        """Take up a new plan: expert weights move over the process group (``workers/replan.py``)."""
+        self.stacks, stats = move_experts(self.stacks, self.maps, maps, self.expert_rank, self.rank - self.expert_rank,
+                                          self.group, (self.hidden, self.inter), self.dtype, self.device)
+        self.maps = maps
+        return stats
 
     @torch.inference_mode()
     def step(self, step_id: int) -> WorkerStepStats:

@@ -17,6 +17,7 @@ from workers.expert_map import LayerMap
 from workers.model.checkpoint import load_model
 from workers.model.router import Routing
 from workers.rank import RankActor
+from workers.replan import MoveStats, move_experts
 from workers.runner import ModelRunner
 from workers.stats import LayerTraffic, StepStats
 from workers.step import StepInput, StepOutput
@@ -65,6 +66,7 @@ class FrontEnd(RankActor):
         self.runner = ModelRunner(model, max_seqs, self.device)
         self.dtype, self.expert_base = dtype, expert_base
         self.maps = [m.to(self.device) for m in maps]
+        self.expert_shape = (model.config.hidden_size, model.config.moe_intermediate_size)
 
     def record_trace(self, enabled: bool) -> None:
         self.runner.record_trace(enabled)
@@ -76,6 +78,14 @@ class FrontEnd(RankActor):
     def expert_loads(self):
         """Tokens per expert per MoE layer seen since ``record_trace(True)``, or None."""
         return self.runner.recorder.loads() if self.runner.recorder else None
+
+    def set_maps(self, maps: list[LayerMap]) -> MoveStats:
+        """Take part in a plan change (the front-end holds no experts: it sends and
+        receives nothing) and dispatch by the new plan from the next step on."""
+        _, stats = move_experts(None, self.maps, maps, None, self.expert_base, self.group, self.expert_shape,
+                                self.dtype, self.device)
+        self.maps = [m.to(self.device) for m in maps]
+        return stats
 
     def step(self, step: StepInput) -> StepOutput:
         """One forward pass + sampling. The expert ranks must run ``step`` at the same time."""

@@ -1,0 +1,124 @@
+"""Time to recover from real faults while 16 requests decode on the shipped tiny model.
+
+    python -m benchmarks.recovery --repeats 3 --out benchmarks/results/recovery.json
+
+Scenarios, each on a fresh deployment (front-end + 2 expert ranks, gloo): no fault (the
+baseline), SIGKILL of an expert rank, SIGKILL of the front-end (its KV caches are lost:
+every request re-prefills its committed tokens), SIGSTOP of an expert rank (a hang,
+found by the collective timeout), and a live plan change (linear -> round_robin: expert
+weights move over the process group; its "recovered" time is the move). The fault lands
+after the 4th step. Per run:
+whether every request's greedy tokens equal the reference engine's, how long the
+failure took to notice and to recover from, and the wall time lost against the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from cluster.config import parse_config
+from cluster.coordinator import Deployment
+from cluster.tables import format_table
+from placement import build_plan
+from workers.reference import ReferenceEngine
+from workers.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "tiny-moe"
+SCENARIOS = ("none", "kill-expert-rank", "kill-front-end", "hang-expert-rank", "plan-change")
+
+
+def prompts_for(tokenizer, count: int) -> list[list[int]]:
+    text = (ROOT / "README.md").read_text()
+    ids = tokenizer.encode(text)
+    return [ids[i * 40: i * 40 + 12 + i % 7] for i in range(count)]
+
+
+def run(model: Path, scenario: str, prompts, params, collective_timeout_s: float) -> dict:
+    config = parse_config({"model": str(model), "expert_ranks": 2, "batching": {"max_seqs": len(prompts)},
+                           "resources": {"cpus_per_actor": 0.1}, "collective_timeout_s": collective_timeout_s,
+                           "recovery": {"settle_s": 5}})
+    with Deployment(config) as dep:
+        pids = [w["pid"] for w in ray.get([a.where.remote() for a in dep.actors])]
+        moved: dict = {}
+        faults = {
+            "kill-expert-rank": lambda: os.kill(pids[2], signal.SIGKILL),
+            "kill-front-end": lambda: os.kill(pids[0], signal.SIGKILL),
+            "hang-expert-rank": lambda: os.kill(pids[2], signal.SIGSTOP),
+            "plan-change": lambda: moved.update(dep.set_plan(build_plan(
+                "round_robin", num_layers=dep.plan.num_layers, num_experts=dep.plan.num_experts, num_ranks=2))),
+        }
+        ids = [dep.add_request(p, params) for p in prompts]
+        done, steps, started = {}, 0, time.perf_counter()
+        try:
+            while dep.has_work():
+                if steps == 4 and scenario in faults:
+                    faults[scenario]()
+                done.update({c.request_id: c.output_ids for c in dep.step().finished})
+                steps += 1
+        finally:
+            if scenario == "hang-expert-rank":
+                try:
+                    os.kill(pids[2], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        wall = time.perf_counter() - started
+        rec = dep.recoveries[0] if dep.recoveries else None
+    return {"scenario": scenario, "outputs": [done[i] for i in ids], "wall_s": wall, "recoveries": len(dep.recoveries),
+            "detect_s": rec.detect_seconds if rec else 0.0, "recover_s": rec.seconds if rec else moved.get("seconds", 0.0),
+            "replaced": rec.replaced if rec else [], "moved_bytes": moved.get("bytes", 0)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=TINY)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--collective-timeout-s", type=float, default=5.0)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
+    args = parser.parse_args(argv)
+    ref = ReferenceEngine.from_pretrained(args.model, max_seqs=args.requests)
+    prompts = prompts_for(ref.tokenizer, args.requests)
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    expected = [c.output_ids for c in ref.generate_ids(prompts, params)]
+    ray.init(include_dashboard=False, log_to_driver=False)
+    scenarios = args.scenarios.split(",")
+    runs = []
+    for scenario in tqdm([s for s in scenarios for _ in range(args.repeats)], desc="runs", file=sys.stderr):
+        result = run(args.model, scenario, prompts, params, args.collective_timeout_s)
+        result["equal_reference"] = result.pop("outputs") == expected
+        runs.append(result)
+    baseline = statistics.median(r["wall_s"] for r in runs if r["scenario"] == "none") if "none" in scenarios else 0.0
+    rows, summary = [], {}
+    for scenario in scenarios:
+        mine = [r for r in runs if r["scenario"] == scenario]
+        median = {k: statistics.median(r[k] for r in mine) for k in ("wall_s", "detect_s", "recover_s")}
+        summary[scenario] = {**median, "lost_s": median["wall_s"] - baseline, "runs": len(mine),
+                             "all_equal_reference": all(r["equal_reference"] for r in mine),
+                             "recoveries": [r["recoveries"] for r in mine], "replaced": mine[0]["replaced"],
+                             "moved_bytes": mine[0]["moved_bytes"]}
+        s = summary[scenario]
+        rows.append([scenario, f"{s['all_equal_reference']}", f"{s['detect_s']:.2f}", f"{s['recover_s']:.2f}",
+                     f"{s['wall_s']:.2f}", f"{s['lost_s']:+.2f}", str(s["replaced"])])
+    print(format_table(["fault", "tokens == reference", "noticed (s)", "recovered (s)", "wall (s)", "lost (s)",
+                        "replaced"], rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
+                                    "runs": runs}, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

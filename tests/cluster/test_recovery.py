@@ -1,0 +1,176 @@
+"""Faults made real: an actor's process is SIGKILLed or SIGSTOPped in the middle of
+decoding 16 requests, or the plan changes under them. Every request must still finish
+with exactly the greedy tokens the reference engine gives with no fault."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from cluster.config import DeploymentConfigError, parse_config
+from cluster.coordinator import Deployment
+from cluster.recovery import StepFailure
+from tests.plans import linear_plan, random_plan
+from tests.tiny_models import save_tiny_model
+from workers.expert_map import layer_maps
+from workers.reference import ReferenceEngine
+from workers.replan import plan_moves
+from workers.sampling import SamplingParams
+
+REQUESTS = 16
+PROMPTS = [[(7 * i + j) % 90 + 1 for j in range(3 + i % 5)] for i in range(REQUESTS)]
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral")
+    save_tiny_model("mixtral", path, seed=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    ref = ReferenceEngine.from_pretrained(model, max_seqs=REQUESTS)
+    return [c.output_ids for c in ref.generate_ids(PROMPTS, GREEDY)]
+
+
+def deployment(path, ranks: int = 2, plan=None, **overrides) -> Deployment:
+    config = parse_config({"model": str(path), "expert_ranks": ranks, "resources": {"cpus_per_actor": 0.1},
+                           "batching": {"max_seqs": REQUESTS}, **overrides})
+    return Deployment(config, plan)
+
+
+def pid_of(dep: Deployment, index: int) -> int:
+    return ray.get(dep.actors[index].where.remote())["pid"]
+
+
+def decode(dep: Deployment, fault=None, at_step: int = 3) -> list[list[int]]:
+    """Decode every prompt; ``fault(dep)`` runs between step ``at_step - 1`` and ``at_step``."""
+    ids = [dep.add_request(p, GREEDY) for p in PROMPTS]
+    done, steps = {}, 0
+    while dep.has_work():
+        if steps == at_step and fault is not None:
+            fault(dep)
+        done.update({c.request_id: c.output_ids for c in dep.step().finished})
+        steps += 1
+    assert steps > at_step, "the fault must land while requests are decoding"
+    return [done[i] for i in ids]
+
+
+def _gone(pid: int, timeout_s: float = 30) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("victim", [1, 2, 0], ids=["expert-rank-0", "expert-rank-1", "front-end"])
+def test_sigkill_mid_decode_recovers_with_identical_outputs(ray_session, model, expected, victim):
+    """Actor 0 is the front-end (it holds the KV caches), 1.. the expert ranks."""
+    with deployment(model, 2, linear_plan(6, 2, 3)) as dep:
+        pids = [pid_of(dep, i) for i in range(len(dep.actors))]
+        outputs = decode(dep, lambda d: os.kill(pids[victim], signal.SIGKILL))
+        assert outputs == expected
+        assert len(dep.recoveries) == 1
+        rec = dep.recoveries[0]
+        assert rec.dead == [victim] and rec.replaced == [victim] and rec.hung == []
+        assert rec.replayed_seqs == REQUESTS
+        assert _gone(pids[victim])
+        assert pid_of(dep, victim) != pids[victim]  # a new process took its place
+        assert [pid_of(dep, i) for i in range(len(pids)) if i != victim] == [p for i, p in enumerate(pids)
+                                                                           if i != victim]  # survivors kept
+        print(f"SIGKILL of actor {victim}: noticed in {rec.detect_seconds:.2f} s, recovered in {rec.seconds:.2f} s")
+
+
+def test_sigkill_during_a_step(ray_session, model, expected):
+    """The kill lands while the step's collectives run (a timer fires inside ``step``)."""
+    with deployment(model, 2, linear_plan(6, 2, 3)) as dep:
+        pid = pid_of(dep, 2)
+        outputs = decode(dep, lambda d: threading.Timer(0.005, os.kill, (pid, signal.SIGKILL)).start())
+        assert outputs == expected
+        assert len(dep.recoveries) == 1 and dep.recoveries[0].replaced == [2]
+
+
+def test_hung_rank_is_detected_by_collective_timeout_and_replaced(ray_session, model, expected):
+    """SIGSTOP: the process lives but never answers. The others' collectives time out
+    (collective_timeout_s), the silent rank is declared hung, killed and replaced."""
+    overrides = {"collective_timeout_s": 3, "recovery": {"settle_s": 5}}
+    with deployment(model, 2, linear_plan(6, 2, 3), **overrides) as dep:
+        pid = pid_of(dep, 1)
+        try:
+            outputs = decode(dep, lambda d: os.kill(pid, signal.SIGSTOP))
+            assert outputs == expected
+            rec = dep.recoveries[0]
+            assert len(dep.recoveries) == 1 and rec.hung == [1] and rec.dead == [] and rec.replaced == [1]
+            assert _gone(pid)
+            print(f"hung rank (collective timeout 3 s): noticed in {rec.detect_seconds:.2f} s, "
+                  f"recovered in {rec.seconds:.2f} s")
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_coherent_rank_death_recovers(ray_session, model, expected):
+    with deployment(model, 2, linear_plan(6, 2, 3), layout="coherent") as dep:
+        pid = pid_of(dep, 1)
+        assert decode(dep, lambda d: os.kill(pid, signal.SIGKILL)) == expected
+        assert len(dep.recoveries) == 1 and dep.recoveries[0].replaced == [1]
+
+
+def test_without_recovery_attempts_the_failure_is_raised(ray_session, model):
+    with deployment(model, 2, linear_plan(6, 2, 3), recovery={"max_attempts": 0}) as dep:
+        pid = pid_of(dep, 1)
+        with pytest.raises(StepFailure) as info:
+            decode(dep, lambda d: os.kill(pid, signal.SIGKILL))
+        assert info.value.dead == [1] and dep.recoveries == []
+
+
+@pytest.mark.parametrize("layout", ["disaggregated", "coherent"])
+def test_live_plan_change_moves_weights_without_corrupting_requests(ray_session, model, expected, layout):
+    """Switch from a linear plan to a replicated random one while 16 requests decode."""
+    old, new = linear_plan(6, 3, 3), random_plan(6, 3, 2, seed=4, layers=3)
+    moved = {}
+    with deployment(model, 3, old, layout=layout) as dep:
+        assert decode(dep, lambda d: moved.update(d.set_plan(new)), at_step=4) == expected
+        assert dep.plan is new and dep.recoveries == []
+    # The weights that travelled: every slot of the new plan its rank did not hold before.
+    want = sum(1 for o, n in zip(layer_maps(old), layer_maps(new)) for r, sources in enumerate(plan_moves(o, n))
+               for src in sources if src != r)
+    assert want > 0 and moved["experts"] == want
+    c = dep.model_config
+    assert moved["bytes"] == want * 3 * c.hidden_size * c.moe_intermediate_size * 4  # float32
+    assert moved["collectives"] == 3  # one all-to-all per MoE layer
+
+
+def test_plan_moves_sources_are_holders():
+    old, new = layer_maps(linear_plan(6, 3, 1))[0], layer_maps(random_plan(6, 3, 2, seed=1, layers=1))[0]
+    sources = plan_moves(old, new)
+    sends = [0, 0, 0]
+    for rank, (experts, row) in enumerate(zip(new.rank_experts, sources)):
+        assert len(row) == len(experts)
+        for expert, src in zip(experts, row):
+            assert expert in old.rank_experts[src]  # the source holds the expert under the old plan
+            if expert in old.rank_experts[rank]:
+                assert src == rank  # never sent when already there
+            else:
+                sends[src] += 1
+    assert sum(sends) > 0
+    with pytest.raises(ValueError, match="number of ranks"):
+        plan_moves(old, layer_maps(linear_plan(6, 2, 1))[0])
+
+
+def test_nccl_without_gpus_is_a_config_error(ray_session, model):
+    with pytest.raises(DeploymentConfigError, match="backend"):
+        deployment(model, 1, linear_plan(6, 1, 3), backend="nccl")
