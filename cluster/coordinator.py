@@ -203,10 +203,13 @@ class Deployment(Engine):
         survivors = [i for i in range(len(self.actors)) if i not in broken]
         left = settle([self.actors[i].leave.remote() for i in survivors], self.config.recovery.settle_s)
         broken |= {i for i, ok in zip(survivors, left) if not ok}
+        left_at = time.perf_counter()
         for i in sorted(broken):
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self._new_actor(i)
         self._join_all()
+        log.info("recovery phases: survivors left the group in %.2f s; replacements up and group joined in %.2f s",
+                 left_at - started, time.perf_counter() - left_at)
         record = Recovery(step_id, sorted(broken), failure.dead, failure.hung, detect_seconds,
                           time.perf_counter() - started, len(self.scheduler.running), str(failure)[:300])
         self.recoveries.append(record)

@@ -122,6 +122,27 @@ def test_hung_rank_is_detected_by_collective_timeout_and_replaced(ray_session, m
                 pass
 
 
+@pytest.mark.slow
+def test_whole_deployment_silent_is_caught_by_the_step_timeout(ray_session, model, expected):
+    """Every actor stopped: no collective can time out (none is waiting), so the step
+    timeout declares them all hung; all are replaced and the step replays."""
+    overrides = {"collective_timeout_s": 120, "recovery": {"step_timeout_s": 4, "settle_s": 2}}
+    with deployment(model, 2, linear_plan(6, 2, 3), **overrides) as dep:
+        pids = [pid_of(dep, i) for i in range(len(dep.actors))]
+        try:
+            outputs = decode(dep, lambda d: [os.kill(pid, signal.SIGSTOP) for pid in pids])
+            assert outputs == expected
+            rec = dep.recoveries[0]
+            assert len(dep.recoveries) == 1 and rec.hung == [0, 1, 2] and rec.replaced == [0, 1, 2]
+            assert rec.detect_seconds >= 4
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def test_coherent_rank_death_recovers(ray_session, model, expected):
     with deployment(model, 2, linear_plan(6, 2, 3), layout="coherent") as dep:
         pid = pid_of(dep, 1)
