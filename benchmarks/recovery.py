@@ -75,7 +75,8 @@ def run(model: Path, scenario: str, prompts, params, collective_timeout_s: float
         wall = time.perf_counter() - started
         rec = dep.recoveries[0] if dep.recoveries else None
     return {"scenario": scenario, "outputs": [done[i] for i in ids], "wall_s": wall, "recoveries": len(dep.recoveries),
-            "detect_s": rec.detect_seconds if rec else 0.0, "recover_s": rec.seconds if rec else moved.get("seconds", 0.0),
+            "detect_s": rec.detect_seconds if rec else 0.0,
+            "recover_s": rec.seconds if rec else moved.get("seconds", 0.0),
             "replaced": rec.replaced if rec else [], "moved_bytes": moved.get("bytes", 0)}
 
 

@@ -97,12 +97,13 @@ class Deployment(Engine):
     # -- start and stop --------------------------------------------------------------
     def _start_actors(self) -> None:
         c, res = self.config, self.config.resources
-        self.gpus = (1.0 if cluster_gpus() > 0 else 0.0) if res.gpus_per_actor == "auto" else float(res.gpus_per_actor)
-        if c.backend == "nccl" and not self.gpus:
-            raise DeploymentConfigError("backend", "nccl", "NCCL needs a GPU per actor and this deployment has none "
-                                        "(resources.gpus_per_actor, or a cluster without GPUs); use auto or gloo")
         self.world = c.expert_ranks + (c.layout == "disaggregated")
-        self.backend = pick_backend(c.backend) if self.gpus else "gloo"
+        self.gpus = self._gpus_per_actor(res.gpus_per_actor)
+        if c.backend == "nccl" and self.gpus < 1:
+            raise DeploymentConfigError("backend", "nccl", f"NCCL needs a whole GPU per actor and this deployment "
+                                        f"gives each {self.gpus:g} (resources.gpus_per_actor, GPUs in the cluster); "
+                                        "use auto or gloo")
+        self.backend = pick_backend(c.backend, self.gpus) if self.gpus else "gloo"
         bundle = {"CPU": res.cpus_per_actor, **({"GPU": self.gpus} if self.gpus else {})}
         check_pinning(c, self.plan)
         self.placement_group = create_placement_group([dict(bundle) for _ in range(self.world)], c.ray.strategy,
@@ -113,6 +114,18 @@ class Deployment(Engine):
         self._join_all()
         log.info("%s deployment up: %d expert ranks, backend %s, rendezvous %s",
                  c.layout, c.expert_ranks, self.backend, self.rendezvous)
+
+    def _gpus_per_actor(self, requested) -> float:
+        """``auto``: a whole GPU per actor when the cluster has enough, else an equal share
+        of them (the actors then talk over gloo: NCCL refuses two ranks on one GPU)."""
+        if requested != "auto":
+            return float(requested)
+        available = cluster_gpus()
+        if available >= self.world or available == 0:
+            return 1.0 if available else 0.0
+        log.warning("%d actors and %g GPUs: each actor gets %.3g of a GPU and the ranks use gloo", self.world,
+                    available, available / self.world)
+        return available / self.world
 
     def _new_actor(self, index: int):
         """The actor at position ``index`` (= its process-group rank) of the placement group:

@@ -14,11 +14,28 @@ import torch
 import torch.distributed as dist
 
 
-def pick_backend(requested: str = "auto") -> str:
-    """NCCL when CUDA is available, gloo otherwise (or what the config asks for)."""
+class BackendUnavailable(RuntimeError):
+    """A rank cannot use the backend it was asked to join with."""
+
+    def __init__(self, backend: str, rank: int, reason: str):
+        super().__init__(f"backend {backend} on rank {rank}: {reason}")
+        self.backend, self.rank = backend, rank
+
+
+def pick_backend(requested: str = "auto", gpus_per_actor: float | None = None) -> str:
+    """What the config asks for; for ``auto``, NCCL when every rank owns a whole GPU,
+    else gloo.
+
+    NCCL refuses two ranks of one communicator on one GPU ("Duplicate GPU detected", at
+    the join), so actors that share a GPU (``gpus_per_actor < 1``) get gloo, which moves
+    CUDA tensors too (through host memory). ``gpus_per_actor=None``: decide by whether
+    this process sees CUDA (right only where the caller runs where the ranks do).
+    """
     if requested != "auto":
         return requested
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    if gpus_per_actor is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if gpus_per_actor >= 1 else "gloo"
 
 
 def node_ip() -> str:
@@ -35,9 +52,23 @@ def free_port(host: str = "") -> int:
 
 
 def init_group(backend: str, address: str, rank: int, world_size: int, timeout_s: float):
-    """Join the deployment's process group; returns it. All ranks must call this."""
+    """Join the deployment's process group; returns it. All ranks must call this.
+
+    With NCCL the communicator is bound to this process's current CUDA device (the one
+    Ray assigned: ``CUDA_VISIBLE_DEVICES`` makes it device 0) and created here, not at
+    the first collective, so an NCCL error (two ranks on one GPU, say) fails the join
+    instead of the first step.
+    """
+    device = None
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(backend, rank, "no CUDA device is visible; give each actor a GPU "
+                                     "(resources.gpus_per_actor) or use backend gloo")
+        device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=timeout_s), device_id=device)
+    if device is not None:
+        dist.barrier(device_ids=[device.index])  # every rank's communicator is up before the first step
     return dist.group.WORLD
 
 

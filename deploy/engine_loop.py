@@ -8,8 +8,14 @@ an inbox, then runs one step over every running sequence (continuous batching) a
 hands each request its new token. Requests from HTTP, gRPC and Python callers all join
 the same batch; none waits for another to finish.
 
+Admission (``deploy.admission``): before a request joins the engine's queue the loop
+checks the queue limit (``batching.max_queue``) and, when ``max_wait_s`` is set, the
+request's expected wait for a KV slot (from the queued token budgets and the measured step
+time); a refused request gets a ``QueueFullError`` (HTTP 429) with a Retry-After.
+
 Invariant: only the loop thread calls the engine. Callers talk to it through ``submit``
-and ``abort``, which are safe from any thread or event loop.
+and ``abort``, which are safe from any thread or event loop. Per-request state (the
+streams) lives only while the request is queued or running.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Union
 
+from deploy.admission import STEP_EWMA, AdmissionPolicy, refusal
 from workers.engine import Completion, Engine
 from workers.sampling import SamplingParams
 
@@ -89,11 +96,18 @@ class _Add:
     params: SamplingParams
     stream: RequestStream
     accepted: concurrent.futures.Future
+    first: bool = True  # the first of a submission: the admission policy judges the submission by it
 
 
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Engine], object]
+    done: concurrent.futures.Future
 
 
 class EngineLoop:
@@ -102,12 +116,18 @@ class EngineLoop:
     ``observer`` (optional, e.g. ``deploy.metrics.ServingMetrics``) is called on the loop
     thread: ``on_token(stream, now)`` before each token is handed over,
     ``on_finish(stream, completion, now)``, ``on_abort(stream)``, after every step
-    ``on_step(engine, step_result, step_seconds)``, and ``on_load(waiting, running)``
-    whenever it has taken new requests. Metrics hook in here, outside the engine.
+    ``on_step(engine, step_result, step_seconds)``, ``on_load(waiting, running, streams)``
+    after taking new requests and after every step, and ``on_refuse(error)`` for each
+    request refused at admission. Metrics hook in here, outside the engine.
+
+    ``max_wait_s`` (``batching.max_wait_s``): refuse a request whose expected wait for a KV
+    slot is longer (None: only the engine's ``max_queue`` limits admission).
     """
 
-    def __init__(self, engine: Engine, observer=None, idle_wait_s: float = 0.5):
+    def __init__(self, engine: Engine, observer=None, idle_wait_s: float = 0.5, max_wait_s: float | None = None):
         self.engine, self.observer, self.idle_wait_s = engine, observer, idle_wait_s
+        self.max_wait_s = max_wait_s
+        self.step_s: float | None = None  # moving average of the step time (loop thread)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False  # set, under _inbox_lock, once the inbox is drained for good
         self._inbox_lock = threading.Lock()
@@ -143,7 +163,7 @@ class EngineLoop:
         self.check_running()
         loop = asyncio.get_running_loop()
         items = [_Add(list(ids), params, RequestStream(f"req-{next(self._ids)}", list(ids), loop),
-                      concurrent.futures.Future()) for ids, params in requests]
+                      concurrent.futures.Future(), first=i == 0) for i, (ids, params) in enumerate(requests)]
         with self._inbox_lock:  # nothing enters the inbox after the loop's last look at it
             if self._closed:
                 raise EngineStoppedError(f"a step failed: {self.failure!r}" if self.failure else "stopped")
@@ -166,6 +186,17 @@ class EngineLoop:
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.abort(item.stream.request_id)
 
+    async def call(self, fn: Callable[[Engine], object]):
+        """Run ``fn(engine)`` on the loop thread between two steps (e.g. a live plan change:
+        ``lambda engine: engine.set_plan(plan)``); its result, or its exception."""
+        self.check_running()
+        item = _Call(fn, concurrent.futures.Future())
+        with self._inbox_lock:
+            if self._closed:
+                raise EngineStoppedError(f"a step failed: {self.failure!r}" if self.failure else "stopped")
+            self._inbox.put(item)
+        return await asyncio.wrap_future(item.done)
+
     def abort(self, request_id: str) -> None:
         """Cancel a request (its client went away); its KV-cache slot is freed before the next step."""
         self._inbox.put(_Abort(request_id))
@@ -182,21 +213,28 @@ class EngineLoop:
         try:
             while not self._stopping.is_set():
                 self._take_inbox(block=not self.engine.has_work())
-                if self.observer is not None:
-                    self.observer.on_load(len(self.engine.scheduler.waiting), len(self.engine.scheduler.running))
+                self._report_load()
                 if self._stopping.is_set() or not self.engine.has_work():
                     continue
-                started = time.perf_counter()
+                started, recoveries = time.perf_counter(), len(getattr(self.engine, "recoveries", ()))
                 result = self.engine.step()
                 now = time.perf_counter()
+                if len(getattr(self.engine, "recoveries", ())) == recoveries:  # a recovered step is no estimate
+                    self._time_step(now - started)
                 self._publish(result.tokens, result.finished, now)
                 if self.observer is not None:
                     self.observer.on_step(self.engine, result, now - started)
+                self._report_load()
         except BaseException as exc:  # a dead actor, a collective timeout: the engine is unusable
             log.exception("engine step failed; failing %d requests in flight", len(self._streams))
             self.failure = exc
         finally:
             self._fail_all(EngineStoppedError(f"a step failed: {self.failure!r}" if self.failure else "stopped"))
+
+    def _report_load(self) -> None:
+        if self.observer is not None:
+            scheduler = self.engine.scheduler
+            self.observer.on_load(len(scheduler.waiting), len(scheduler.running), len(self._streams))
 
     def _take_inbox(self, block: bool) -> None:
         """Apply queued adds and aborts; when idle, wait for the first one."""
@@ -209,13 +247,29 @@ class EngineLoop:
                 self._add(item)
             elif isinstance(item, _Abort):
                 self._abort(item.request_id)
+            elif isinstance(item, _Call) and item.done.set_running_or_notify_cancel():
+                try:
+                    item.done.set_result(item.fn(self.engine))
+                except Exception as exc:  # the caller's to report; a broken engine fails the next step
+                    item.done.set_exception(exc)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
+    def _time_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else (1 - STEP_EWMA) * self.step_s + STEP_EWMA * seconds
+
     def _add(self, item: _Add) -> None:
         if not item.accepted.set_running_or_notify_cancel():  # the caller went away meanwhile
+            return
+        # a submission's later choices wait behind its first ones: only its first is judged by the wait
+        policy = AdmissionPolicy(self.engine.max_queue, self.max_wait_s if item.first else None)
+        refused = refusal(policy, self.engine.scheduler, self.step_s)
+        if refused is not None:
+            if self.observer is not None:
+                self.observer.on_refuse(refused)
+            item.accepted.set_exception(refused)
             return
         try:
             self.engine.add_request(item.prompt_ids, item.params, item.stream.request_id)
@@ -266,6 +320,8 @@ class EngineLoop:
                 return
             if isinstance(item, _Add) and item.accepted.set_running_or_notify_cancel():
                 item.accepted.set_exception(error)
+            elif isinstance(item, _Call) and item.done.set_running_or_notify_cancel():
+                item.done.set_exception(error)
 
 
 def _deliver(events: list) -> None:

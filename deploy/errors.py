@@ -23,7 +23,7 @@ CLIENT_CLOSED = 499  # the status counted for a request whose client went away (
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-              503: grpc.StatusCode.UNAVAILABLE}
+              503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclass
@@ -73,11 +73,24 @@ def unavailable(reason: str) -> APIError:
     return APIError(503, f"the model is not serving: {reason}", "server_error", None, "engine_unavailable")
 
 
+def shutting_down() -> APIError:
+    """503 while the server drains: the requests in flight finish, new ones go elsewhere."""
+    return APIError(503, "the server is shutting down: it finishes the requests in flight and accepts no new "
+                    "ones; retry on another replica", "server_error", None, "server_shutting_down")
+
+
+def deadline_exceeded(timeout_s: float) -> APIError:
+    """504: the request ran past the server's ``request_timeout_s`` and was aborted."""
+    return APIError(504, f"the request did not finish within the server's deadline of {timeout_s:g} s "
+                    "(request_timeout_s) and was aborted; ask for fewer tokens or retry later", "server_error",
+                    None, "deadline_exceeded")
+
+
 def from_engine_error(exc: Exception, prompt_param: str = "prompt") -> APIError:
     """The engine refused a request: name the field the client sent."""
     if isinstance(exc, QueueFullError):
-        return APIError(429, f"the server is busy: {exc.waiting} requests are waiting (queue limit {exc.limit}); "
-                        "retry after the Retry-After seconds", "rate_limit_error", None, "queue_full", retry_after_s=1)
+        return APIError(429, f"the server is busy: {exc} (after the Retry-After seconds)", "rate_limit_error",
+                        None, "queue_full", retry_after_s=max(1, exc.retry_after_s or 1))
     if isinstance(exc, (RequestError, SamplingParamsError)):
         param = ENGINE_TO_API_FIELD.get(exc.field, exc.field)
         if param == "prompt":

@@ -12,14 +12,15 @@ Defaults differ from the HTTP API in one place: ``temperature`` defaults to 0 (g
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import AsyncIterator
 
 from pydantic import ValidationError
 
 from deploy import openai_api as api
 from deploy.completions import Submission, plan_completion
 from deploy.errors import CLIENT_CLOSED, APIError, from_validation_errors, invalid
+from deploy.grpc_stubs import UndecodableRequest
 from deploy.grpc_stubs import raymoe_pb2 as pb
 from deploy.service import ModelService
 
@@ -49,8 +50,11 @@ def _metadata(context) -> dict[str, str]:
     return {key.lower(): value for key, value in context.invocation_metadata()}
 
 
-def _prepare(service: ModelService, request: pb.GenerateRequest, context) -> Submission:
+def _prepare(service: ModelService, request: pb.GenerateRequest | UndecodableRequest, context) -> Submission:
     service.check_key(_metadata(context).get("authorization"))
+    if isinstance(request, UndecodableRequest):
+        raise invalid(f"the request is not a valid GenerateRequest ({request.reason}): strings must be UTF-8 "
+                      "and the message well-formed", None)
     return plan_completion(service, to_completion(service, request))
 
 

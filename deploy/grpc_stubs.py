@@ -21,6 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc
+from google.protobuf.message import DecodeError
+
 PROTO = Path(__file__).resolve().parent / "raymoe.proto"
 STUB_DIR = PROTO.parent / "build" / "stubs"
 PACKAGE = "deploy.build.stubs"
@@ -84,8 +87,41 @@ def generate(force: bool = False) -> Path:
 generate()
 raymoe_pb2 = importlib.import_module(f"{PACKAGE}.raymoe_pb2")
 raymoe_pb2_grpc = importlib.import_module(f"{PACKAGE}.raymoe_pb2_grpc")
-add_RaymoeServiceServicer_to_server = raymoe_pb2_grpc.add_RaymoeServiceServicer_to_server  # noqa: N816 (gRPC's name)
 RaymoeServiceStub = raymoe_pb2_grpc.RaymoeServiceStub
+SERVICE = "raymoe.RaymoeService"
+
+
+class UndecodableRequest:
+    """Request bytes that do not parse as a ``GenerateRequest`` (a string field that is
+    not UTF-8, a truncated message). grpcio answers a parser exception with UNKNOWN; this
+    stands in for the request instead, and the service refuses it with INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def parse_request(data: bytes):
+    """``GenerateRequest`` bytes -> the message, or an ``UndecodableRequest``; never raises."""
+    try:
+        return raymoe_pb2.GenerateRequest.FromString(data)
+    except DecodeError as exc:
+        return UndecodableRequest(str(exc))
+
+
+def add_RaymoeServiceServicer_to_server(servicer, server) -> None:  # gRPC's name
+    """The generated registration (``raymoe_pb2_grpc``), with ``parse_request`` as the
+    request parser of both methods."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=parse_request,
+            response_serializer=raymoe_pb2.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=parse_request,
+            response_serializer=raymoe_pb2.GenerateChunk.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
 
 if __name__ == "__main__":
     print(f"gRPC stubs of {PROTO.name} in {generate(force='--force' in sys.argv)}")

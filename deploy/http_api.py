@@ -12,22 +12,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from deploy import openai_api as api
-from deploy.completions import Submission, chunks, open_stream, plan_chat, plan_completion, respond
+from deploy.completions import (
+    Submission,
+    chunks,
+    open_stream,
+    plan_chat,
+    plan_completion,
+    respond,
+)
 from deploy.errors import CLIENT_CLOSED, APIError, from_validation_errors, invalid
 from deploy.metrics import CONTENT_TYPE_LATEST
 from deploy.service import ModelService
 
 log = logging.getLogger("raymoe.serve")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/admin/plan", "/health", "/metrics")
 OPEN_ROUTES = ("/health",)  # the only routes that need no API key
 MAX_BODY_BYTES = 8 << 20
 ERRORS = {status: {"model": api.ErrorBody, "description": text} for status, text in (
@@ -71,14 +79,13 @@ class EdgeMiddleware:
             if route not in OPEN_ROUTES:
                 self.service.check_key(headers.get("authorization"))
             if int(headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                raise APIError(413, f"request body of {headers['content-length']} bytes; the limit is "
-                               f"{MAX_BODY_BYTES}", "invalid_request_error", None, "request_too_large")
+                raise _too_large(int(headers["content-length"]), "Content-Length")
         except (APIError, ValueError) as exc:
             exc = exc if isinstance(exc, APIError) else invalid(f"bad Content-Length ({exc})", None)
             await _error_response(exc)(scope, receive, send_status)
         else:
             try:
-                await self.app(scope, receive, send_status)
+                await self.app(scope, _counted(receive), send_status)
             except asyncio.CancelledError:  # the client went away before the response started
                 status = CLIENT_CLOSED if status == 500 else status
                 raise
@@ -86,8 +93,47 @@ class EdgeMiddleware:
             self.service.metrics.count_request(route, status)
 
 
+def _counted(receive):
+    """``receive`` that refuses a body past MAX_BODY_BYTES as it arrives: a chunked body
+    has no Content-Length to check up front."""
+    received = 0
+
+    async def receive_counted():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise _too_large(received, "so far, sent without Content-Length")
+        return message
+
+    return receive_counted
+
+
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), exc.status, exc.headers())
+
+
+def _too_large(size: int, how: str) -> APIError:
+    return APIError(413, f"request body of {size} bytes ({how}); the limit is {MAX_BODY_BYTES}",
+                    "invalid_request_error", None, "request_too_large")
+
+
+def _unparsable_body(cause: BaseException) -> APIError:
+    """Why FastAPI could not turn the body into JSON (it reports only "There was an error
+    parsing the body"): nesting deeper than Python's recursion limit, bytes that are not
+    UTF-8, a number too long to convert, or a refusal raised while reading (413)."""
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(cause, RecursionError):
+        return invalid("the body is nested too deeply to parse as JSON: send arrays and objects nested at most a "
+                       "few hundred levels", None)
+    if isinstance(cause, UnicodeDecodeError):
+        return invalid(f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start}): send JSON text "
+                       "encoded as UTF-8", None)
+    detail = str(cause)
+    detail = detail if len(detail) <= 200 else detail[:197] + "..."
+    return invalid(f"the body is not valid JSON ({type(cause).__name__}: {detail})", None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -101,6 +147,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not read or parse the body
+            return _error_response(_unparsable_body(exc.__cause__))
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return _error_response(APIError(exc.status_code, message, kind))
@@ -135,6 +183,13 @@ async def _serve(service: ModelService, plan: Submission, chat: bool, req: api.S
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class PlanChange(BaseModel):
+    """``POST /v1/admin/plan``: the YAML text of a plan written by `raymoe plan`."""
+
+    model_config = ConfigDict(extra="forbid")
+    plan: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
+
+
 def build_http_app(service: ModelService) -> FastAPI:
     app = FastAPI(title="raymoe", version="0.1.0",
                   description="OpenAI-compatible serving of a Mixture-of-Experts model on Ray (docs/serving.md)")
@@ -157,6 +212,12 @@ def build_http_app(service: ModelService) -> FastAPI:
     async def model(model: str):
         service.check_model(model or "-")
         return api.model_card(service.name, service.created, service.encoder.context_len)
+
+    @app.post("/v1/admin/plan", responses=ERRORS)
+    async def set_plan(body: PlanChange):
+        """Load a new placement plan into the running deployment (expert weights move
+        between the ranks between two steps; requests in flight carry on)."""
+        return await service.set_plan(body.plan)
 
     @app.get("/health", responses={503: {"description": "not ready: an actor or the engine loop is down"}})
     async def health():

@@ -17,6 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from deploy.admission import WaitTooLongError
 from workers.engine import Completion, Engine, StepResult
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
@@ -47,6 +48,10 @@ class ServingMetrics:
                              buckets=E2E_BUCKETS, registry=r)
         self.queue_depth = Gauge("raymoe_queue_depth", "Requests waiting for a KV-cache slot", registry=r)
         self.running = Gauge("raymoe_running_sequences", "Sequences in the running batch", registry=r)
+        self.open_streams = Gauge("raymoe_open_streams", "Requests the engine loop holds (queued or running)",
+                                  registry=r)
+        self.refused = Counter("raymoe_admission_refused", "Requests refused at admission (429), by reason "
+                               "(queue_full: batching.max_queue; wait: batching.max_wait_s)", ["reason"], registry=r)
         self.step_sequences = Histogram("raymoe_step_sequences", "Sequences computed together in one engine step",
                                         buckets=BATCH_BUCKETS, registry=r)
         self.step_tokens = Counter("raymoe_step_tokens", "Tokens computed by engine steps (prefill + decode)",
@@ -54,6 +59,12 @@ class ServingMetrics:
         self.step_seconds = Histogram("raymoe_step_seconds", "Wall time of one engine step", buckets=ITL_BUCKETS,
                                       registry=r)
         self.engine_up = Gauge("raymoe_engine_up", "1 while the engine loop is stepping", registry=r)
+        self.recoveries = Counter("raymoe_recoveries", "Steps recovered after an actor died or hung (RELIABILITY.md)",
+                                  registry=r)
+        self.recovery_seconds = Histogram("raymoe_recovery_seconds", "From noticing a failed step to the process "
+                                          "group being whole again", buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+                                          registry=r)
+        self._recoveries_seen = 0
         self._expert_metrics(r)
         self._rank_pairs: dict[int, list[int]] = {}  # MoE layer index -> cumulative pairs per rank
         self._transitions: dict[int, list[int]] = {}  # MoE layer index -> cumulative [hosted, stayed]
@@ -106,13 +117,23 @@ class ServingMetrics:
     def on_abort(self, stream) -> None:
         self.finished.labels("abort").inc()
 
-    def on_load(self, waiting: int, running: int) -> None:
+    def on_load(self, waiting: int, running: int, streams: int | None = None) -> None:
         self.queue_depth.set(waiting)
         self.running.set(running)
+        if streams is not None:
+            self.open_streams.set(streams)
+
+    def on_refuse(self, error: Exception) -> None:
+        self.refused.labels("wait" if isinstance(error, WaitTooLongError) else "queue_full").inc()
 
     def on_step(self, engine: Engine, result: StepResult, seconds: float) -> None:
         self.on_load(len(engine.scheduler.waiting), len(engine.scheduler.running))
         self.step_seconds.observe(seconds)
+        recoveries = getattr(engine, "recoveries", ())
+        for record in recoveries[self._recoveries_seen:]:
+            self.recoveries.inc()
+            self.recovery_seconds.observe(record.seconds)
+        self._recoveries_seen = len(recoveries)
         per_step = engine.stats.per_step
         if not per_step:
             return

@@ -35,6 +35,16 @@ class Limits:
     ignore_eos: bool = False
 
 
+def _check_unicode(text: str, param: str) -> None:
+    """JSON can escape a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode
+    character: the tokenizer cannot take it, so it is refused here, naming its position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(f"'{param}' holds an unpaired UTF-16 surrogate ({text[exc.start]!r}) at character "
+                      f"{exc.start}: send valid Unicode text (pair surrogates as JSON does for emoji)", param) from None
+
+
 class PromptEncoder:
     """Turns prompts into token ids and checks them against the model."""
 
@@ -45,6 +55,7 @@ class PromptEncoder:
     def text(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
             raise invalid(f"'{param}' is empty: send at least one character", param)
+        _check_unicode(text, param)
         if self.tokenizer is None:
             raise invalid("this model has no tokenizer: send the prompt as token ids", param)
         return self.check(self.tokenizer.encode(text), param)
@@ -73,6 +84,10 @@ class PromptEncoder:
         if self.tokenizer is None:
             raise invalid("this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
                           "messages")
+        for index, message in enumerate(messages):
+            for key in ("content", "name"):
+                if isinstance(message.get(key), str):
+                    _check_unicode(message[key], f"messages.{index}.{key}")
         try:
             text = self.chat.render(messages)
         except ChatTemplateError as exc:

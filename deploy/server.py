@@ -30,7 +30,7 @@ HEADROOM_REQUESTS = 64  # Serve requests a replica takes beyond the engine's slo
 
 
 @serve.deployment(name="raymoe", ray_actor_options={"num_cpus": 0}, health_check_period_s=5,
-                  health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
+                  health_check_timeout_s=60)
 @serve.ingress()
 class RaymoeServer:
     """The ingress replica: HTTP routes come from ``__serve_build_asgi_app__``; the gRPC
@@ -44,9 +44,10 @@ class RaymoeServer:
         model = self.engine.model_config
         context_len = min(config.batching.max_seq_len, model.max_position_embeddings)
         metrics = ServingMetrics(settings.model_name, model.moe_layer_ids)
-        self.loop = EngineLoop(self.engine, metrics).start()
+        self.loop = EngineLoop(self.engine, metrics, max_wait_s=config.batching.max_wait_s).start()
         encoder = PromptEncoder(self.engine.tokenizer, model.vocab_size, context_len)
-        self.service = ModelService(settings.model_name, self.loop, encoder, metrics, settings.api_key)
+        self.service = ModelService(settings.model_name, self.loop, encoder, metrics, settings.api_key,
+                                    settings.request_timeout_s)
         log.info("raymoe serving %s: %s layout, %d expert ranks, context %d, max_seqs %d", settings.model_name,
                  config.layout, config.expert_ranks, context_len, config.batching.max_seqs)
 
@@ -59,6 +60,18 @@ class RaymoeServer:
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
         async for chunk in grpc_service.generate_stream(self.service, request, grpc_context):
             yield chunk
+
+    # -- draining (called by `raymoe serve` through a deployment handle, never by clients:
+    # the gRPC proxy routes only the .proto's methods, HTTP only the FastAPI routes) ----
+    async def start_draining(self) -> int:
+        """Refuse new requests (503) from now on; returns how many are in flight."""
+        return self.service.start_draining()
+
+    async def in_flight(self) -> int:
+        return self.service.in_flight()
+
+    async def fail_in_flight(self, reason: str) -> int:
+        return self.service.fail_in_flight(reason)
 
     def check_health(self) -> None:
         """Serve replaces the replica (and so the deployment) when its engine loop died."""
@@ -77,5 +90,9 @@ def build_app(args: dict) -> serve.Application:
 
 
 def app_for(settings: ServerSettings) -> serve.Application:
+    """When Serve itself stops the replica (``serve shutdown``, a redeploy), the requests in
+    flight get ``drain_timeout_s`` to finish, as under ``raymoe serve``."""
     b = settings.config.batching
-    return RaymoeServer.options(max_ongoing_requests=b.max_seqs + b.max_queue + HEADROOM_REQUESTS).bind(settings)
+    return RaymoeServer.options(max_ongoing_requests=b.max_seqs + b.max_queue + HEADROOM_REQUESTS,
+                                graceful_shutdown_timeout_s=max(settings.drain_timeout_s, 1.0),
+                                graceful_shutdown_wait_loop_s=0.5).bind(settings)

@@ -2,6 +2,11 @@
 name and the API key, submit prompts to the engine loop, and give back whole choices or
 a stream of text pieces. A request whose consumer goes away is aborted, freeing its
 KV-cache slot.
+
+Every request has a deadline, ``request_timeout_s`` after it reached the engine loop:
+past it the request is aborted and its caller gets a 504 (gRPC ``DEADLINE_EXCEEDED``).
+While the server drains (``start_draining``, on shutdown) new requests get a 503 and the
+ones in flight run to their end, or are failed with a 503 by ``fail_in_flight``.
 """
 
 from __future__ import annotations
@@ -12,11 +17,31 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from deploy.engine_loop import EngineLoop, EngineStoppedError, FailEvent, FinishEvent, RequestStream, TokenEvent
-from deploy.errors import APIError, from_engine_error, invalid, model_not_found, unauthorized, unavailable
+from cluster.config import DeploymentConfigError
+from deploy.engine_loop import (
+    EngineLoop,
+    EngineStoppedError,
+    Event,
+    FailEvent,
+    FinishEvent,
+    RequestStream,
+    TokenEvent,
+)
+from deploy.errors import (
+    APIError,
+    deadline_exceeded,
+    from_engine_error,
+    invalid,
+    model_not_found,
+    shutting_down,
+    unauthorized,
+    unavailable,
+)
 from deploy.metrics import ServingMetrics
 from deploy.prompts import PromptEncoder
 from deploy.text_stream import TextStream
+from placement.errors import PlanError
+from placement.plan import PlacementPlan
 from workers.engine import QueueFullError
 from workers.sampling import SamplingParams
 from workers.scheduler import RequestError
@@ -49,12 +74,20 @@ class Health:
     reason: str = ""
 
 
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
+
 class ModelService:
+    """Runs on one asyncio loop (the replica's): ``_open`` is touched only from it."""
+
     def __init__(self, name: str, loop: EngineLoop, encoder: PromptEncoder, metrics: ServingMetrics,
-                 api_key: str | None = None):
+                 api_key: str | None = None, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S):
         self.name, self.loop, self.encoder, self.metrics = name, loop, encoder, metrics
         self._api_key = api_key.encode() if api_key else None
+        self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
+        self.draining = False
+        self._open: set[RequestStream] = set()  # submitted, not yet released by their caller
 
     # -- checks at the edge -----------------------------------------------------------
     @property
@@ -80,23 +113,48 @@ class ModelService:
     async def start(self, prompts: list[list[int]], params: list[SamplingParams],
                     prompt_param: str = "prompt") -> list[RequestStream]:
         """Submit every choice together; if one is refused, none runs and the refusal is raised."""
+        if self.draining:
+            raise shutting_down()
         limit = self.loop.engine.max_queue
         if limit is not None and len(prompts) > limit:  # would be refused however long a client waits
             raise invalid(f"the request asks for {len(prompts)} completions (prompts x n); this server queues at "
                           f"most {limit} at once", "n")
-        try:
-            streams = await self.loop.submit_all(list(zip(prompts, params)))
+        try:  # the loop thread takes new requests between steps: a stuck step must not hold the caller
+            streams = await asyncio.wait_for(self.loop.submit_all(list(zip(prompts, params))), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise deadline_exceeded(self.request_timeout_s) from None
         except (RequestError, QueueFullError) as exc:
             raise from_engine_error(exc, prompt_param) from None
         except EngineStoppedError as exc:
             raise unavailable(exc.reason) from None
         self.metrics.count_prompt(sum(len(s.prompt_ids) for s in streams))
+        self._open.update(streams)
         return streams
 
     def abort(self, streams: list[RequestStream]) -> None:
+        """Release the caller's requests: those not finished are aborted (KV slots freed)."""
+        self._open.difference_update(streams)
         for stream in streams:
             if not stream.done:
                 self.loop.abort(stream.request_id)
+
+    # -- draining ---------------------------------------------------------------------
+    def start_draining(self) -> int:
+        """Refuse new requests (503) from now on; returns how many are in flight."""
+        self.draining = True
+        return self.in_flight()
+
+    def in_flight(self) -> int:
+        """Requests submitted whose caller has not yet had their last event."""
+        return sum(1 for stream in self._open if not stream.done)
+
+    def fail_in_flight(self, reason: str) -> int:
+        """End every request in flight now: its caller gets a 503 with ``reason``; returns how many."""
+        failing = [stream for stream in self._open if not stream.done]
+        for stream in failing:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, FailEvent(EngineStoppedError(reason)))
+            self.loop.abort(stream.request_id)
+        return len(failing)
 
     # -- results ----------------------------------------------------------------------
     async def collect(self, streams: list[RequestStream], stops: list[tuple[str, ...]]) -> list[Choice]:
@@ -155,14 +213,14 @@ class ModelService:
         text = TextStream(tokenizer.decode if tokenizer else None, stop)
         events = aiter(stream)
         while True:
-            event = await anext(events)
+            event = await self._next_event(stream, events)
             ids, piece = [], []
             while isinstance(event, TokenEvent):
                 ids.append(event.token_id)
                 piece.append(text.push(event.token_id))
                 if stream.queue.empty():
                     break
-                event = await anext(events)
+                event = await self._next_event(stream, events)
             if ids:
                 yield Piece(index, "".join(piece), ids)
             if isinstance(event, FinishEvent):
@@ -171,10 +229,45 @@ class ModelService:
             if isinstance(event, FailEvent):
                 raise unavailable(event.error.reason)
 
+    async def _next_event(self, stream: RequestStream, events: AsyncIterator[Event]) -> Event:
+        """The request's next event, or a 504 once its deadline has passed (the caller's
+        ``finally`` then aborts it)."""
+        left = stream.arrived + self.request_timeout_s - time.perf_counter()
+        if left <= 0:
+            raise deadline_exceeded(self.request_timeout_s)
+        if not stream.queue.empty():
+            return await anext(events)
+        try:
+            return await asyncio.wait_for(anext(events), left)
+        except asyncio.TimeoutError:  # TimeoutError from 3.11; the project supports 3.10
+            raise deadline_exceeded(self.request_timeout_s) from None
+
+    # -- plan changes -----------------------------------------------------------------
+    async def set_plan(self, text: str) -> dict:
+        """Switch the running deployment to the placement plan in ``text`` (the YAML
+        `raymoe plan` writes) between two steps; expert weights move between the ranks and
+        the requests in flight carry on (``Deployment.set_plan``). What moved, as a dict."""
+        try:
+            plan = PlacementPlan.loads(text, "plan")
+        except PlanError as exc:
+            raise invalid(f"the plan is invalid: {exc}", "plan") from None
+        if not hasattr(self.loop.engine, "set_plan"):
+            raise invalid("this server's engine is not distributed: it has no placement plan", "plan")
+        try:
+            moved = await self.loop.call(lambda engine: engine.set_plan(plan))
+        except DeploymentConfigError as exc:
+            raise invalid(f"the plan does not fit this deployment: {exc}", "plan") from None
+        except EngineStoppedError as exc:
+            raise unavailable(exc.reason) from None
+        return {"object": "placement_plan", "policy": plan.policy, "num_ranks": plan.num_ranks,
+                "experts_moved": moved["experts"], "bytes_moved": moved["bytes"], "seconds": moved["seconds"]}
+
     # -- health -----------------------------------------------------------------------
     async def health(self, timeout_s: float = 5.0) -> Health:
         """Ready when the engine loop steps and every actor of the deployment answers."""
         actors = list(getattr(self.loop.engine, "actors", []))
+        if self.draining:
+            return Health(False, len(actors), 0, "draining: the server is shutting down")
         if not self.loop.running:
             reason = f"engine loop stopped ({self.loop.failure!r})" if self.loop.failure else "engine loop stopped"
             return Health(False, len(actors), 0, reason)

@@ -1,10 +1,11 @@
 """The application's settings, read once at the edge (no Ray import, so bad arguments fail fast).
 
 The Serve application builder's arguments (``ServeArgs``: ``args:`` in a Serve config
-file, or ``raymoe serve``'s flags): the raymoe deployment YAML, the served model name and
-the API key (``api_key``, else the environment variable named by ``api_key_env``, default
-``RAYMOE_API_KEY``). Relative paths are looked up in the current directory, then in the
-repository root.
+file, or ``raymoe serve``'s flags): the raymoe deployment YAML, the served model name, the
+API key (``api_key``, else the environment variable named by ``api_key_env``, default
+``RAYMOE_API_KEY``), each request's deadline (``request_timeout_s``) and how long a
+stopping server lets the requests in flight finish (``drain_timeout_s``). Relative paths
+are looked up in the current directory, then in the repository root.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.config import DeploymentConfig, load_config
 
@@ -37,6 +38,10 @@ class ServeArgs(BaseModel):
     model_name: str | None = None  # the name clients send as "model"; default: the model directory's name
     api_key: str | None = None  # prefer api_key_env: a key in a config file is readable by whoever reads it
     api_key_env: str = "RAYMOE_API_KEY"
+    # seconds from a request's arrival to its last token; past it: aborted, 504
+    request_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    # seconds a stopping server lets the requests in flight finish before failing them (503)
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=3_600)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class ServerSettings:
     config: DeploymentConfig
     model_name: str
     api_key: str | None = field(default=None, repr=False)
+    request_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0
 
 
 def resolve_path(path: str, what: str) -> str:
@@ -70,4 +77,5 @@ def settings_from_args(args: dict) -> ServerSettings:
         changes["placement"] = dataclasses.replace(config.placement, plan=plan)
     config = config.replace(**changes)
     api_key = parsed.api_key or os.environ.get(parsed.api_key_env) or None
-    return ServerSettings(config, parsed.model_name or Path(config.model).name, api_key)
+    return ServerSettings(config, parsed.model_name or Path(config.model).name, api_key, parsed.request_timeout_s,
+                          parsed.drain_timeout_s)

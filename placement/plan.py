@@ -111,6 +111,11 @@ class PlacementPlan:
         if p2l.ndim != 2 or p2l.shape != s2r.shape or p2l.shape[0] == 0:
             raise PlanError("phy2log/slot2rank", f"{p2l.shape}/{s2r.shape}", "shapes differ or are not "
                             "[layers, num_slots]", "write one row of num_slots entries per MoE layer")
+        # Before any array sized by a header field: a header far beyond the maps is refused here.
+        for name, count, noun in (("num_ranks", self.num_ranks, "rank"), ("num_experts", self.num_experts, "expert")):
+            if count > self.num_slots:
+                raise PlanError(name, count, f"more than the {self.num_slots} slots per layer, so some {noun} "
+                                "has no slot", "use fewer ranks or more (redundant) slots")
         _check_range("phy2log", p2l, self.num_experts, "num_experts")
         _check_range("slot2rank", s2r, self.num_ranks, "num_ranks")
         missing = np.argwhere(self.logcnt == 0)
@@ -175,9 +180,20 @@ class PlacementPlan:
     def load(cls, path) -> "PlacementPlan":
         """Read and validate a plan written by ``save``; PlanError names the bad field."""
         try:
-            doc = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise PlanError("file", str(path), f"cannot read YAML ({exc})", "pass a plan written by raymoe plan")
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError("file", str(path), f"cannot read YAML ({type(exc).__name__}: {exc})",
+                            "pass a plan written by raymoe plan") from None
+        return cls.loads(text, str(path))
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<text>") -> "PlacementPlan":
+        """A plan from the YAML text ``save`` writes (e.g. sent to a running server)."""
+        try:
+            doc = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise PlanError("file", source, f"cannot read YAML ({type(exc).__name__}: {exc})",
+                            "pass a plan written by raymoe plan") from None
         if not isinstance(doc, dict):
             raise PlanError("document", type(doc).__name__, "not a mapping", "pass a plan written by raymoe plan")
         if doc.get("version") != PLAN_VERSION:
@@ -213,7 +229,11 @@ def _int_matrix(value, name: str) -> np.ndarray:
         raise PlanError(name, f"row lengths {lengths}", "ragged", "write num_slots entries in every row")
     if not all(isinstance(v, int) and not isinstance(v, bool) for row in value for v in row):
         raise PlanError(name, "non-integer entry", "entries must be integers", "write integer ids")
-    return np.asarray(value, dtype=np.int64)
+    try:
+        return np.asarray(value, dtype=np.int64)
+    except OverflowError:
+        raise PlanError(name, "entry beyond int64", "ids must be small integers", "write ids below "
+                        "num_experts (phy2log) or num_ranks (slot2rank)") from None
 
 
 def _plain(value):

@@ -76,24 +76,33 @@ def pack(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, la
     ``expert_base + r``.
     """
     tokens, top_k = topk_ids.shape
-    ranks = layer_map.num_ranks
-    pair_token = torch.arange(tokens, device=x.device).repeat_interleave(top_k)  # [T*A]
+    ranks, device = layer_map.num_ranks, x.device
+    pair_token = torch.arange(tokens, device=device)[:, None].expand(tokens, top_k).reshape(-1)  # [T*A]
     expert = topk_ids.reshape(-1)
     slot = layer_map.log2phy[expert, pair_token % layer_map.logcnt[expert]]
     pair_rank, pair_local = layer_map.slot_rank[slot], layer_map.slot_local[slot]
-    # Step 1: one row per distinct (rank, token), sorted by rank, then token.
-    keys, pair_row = torch.unique(pair_rank * tokens + pair_token, return_inverse=True)
+    # Step 1: one row per distinct (rank, token), sorted by rank, then token: the set
+    # entries of a dense [R*T] mask, read in order (no sort; on a GPU each host sync
+    # costs more than these kernels, so pack syncs twice: here and for the counts).
+    pair_key = pair_rank * tokens + pair_token
+    used = torch.zeros(ranks * tokens, dtype=torch.bool, device=device)
+    used[pair_key] = True
+    keys = used.nonzero().squeeze(1)  # [N]
+    pair_row = (used.cumsum(0) - 1)[pair_key]  # [T*A] row of each pair
     row_rank, row_token = keys // tokens, keys % tokens
     # Step 2: each row carries the local slot and weight of its pairs, in top-k order.
-    local_ids = torch.full((len(keys), top_k), -1, dtype=torch.int32, device=x.device)
-    weights = torch.zeros(len(keys), top_k, dtype=torch.float32, device=x.device)
-    column = torch.arange(top_k, device=x.device).repeat(tokens)
+    local_ids = torch.full((len(keys), top_k), -1, dtype=torch.int32, device=device)
+    weights = torch.zeros(len(keys), top_k, dtype=torch.float32, device=device)
+    column = torch.arange(top_k, device=device).repeat(tokens)
     local_ids[pair_row, column] = pair_local.to(torch.int32)
     weights[pair_row, column] = topk_weights.reshape(-1).float()
-    rows_per_rank = torch.bincount(row_rank, minlength=ranks).tolist()
+    # Step 3: rows and pairs per expert rank, read back in one transfer.
+    counts = torch.zeros(2, ranks, dtype=torch.int64, device=device)
+    counts[0].index_add_(0, row_rank, torch.ones_like(row_rank))
+    counts[1].index_add_(0, pair_rank, torch.ones_like(pair_rank))
+    rows_per_rank, pairs_per_rank = counts.tolist()
     splits = [0] * expert_base + rows_per_rank + [0] * (world_size - expert_base - ranks)
-    return Packed(encode_rows(x[row_token], local_ids, weights), splits, row_token,
-                  torch.bincount(pair_rank, minlength=ranks).tolist())
+    return Packed(encode_rows(x[row_token], local_ids, weights), splits, row_token, pairs_per_rank)
 
 
 def exchange_dispatch(send: torch.Tensor, send_splits: list[int], group) -> tuple[torch.Tensor, list[int]]:

@@ -35,10 +35,11 @@ class StepResult:
 
 
 class QueueFullError(RuntimeError):
-    """More requests are waiting than the engine's queue limit allows."""
+    """More requests are waiting than the engine's queue limit allows. ``retry_after_s``:
+    whole seconds until a slot is expected to be free, when the caller estimated it."""
 
-    def __init__(self, waiting: int, limit: int):
-        self.waiting, self.limit = waiting, limit
+    def __init__(self, waiting: int, limit: int, retry_after_s: int | None = None):
+        self.waiting, self.limit, self.retry_after_s = waiting, limit, retry_after_s
         super().__init__(f"{waiting} requests are waiting (queue limit {limit}); retry later")
 
 

@@ -139,7 +139,7 @@ def test_full_queue_gets_429_with_retry_after(guarded_server):
     assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
     for r in responses:
         if r.status_code == 429:
-            assert r.headers["Retry-After"] == "1"
+            assert int(r.headers["Retry-After"]) >= 1  # whole seconds until a slot is expected to free
             error = _error(r)
             assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
     ok = httpx.post(f"{guarded_server.openai_base}/completions", json=GOOD, headers=guarded_server.headers(),

@@ -11,8 +11,13 @@ from safetensors.torch import load_file, save_file
 from tests.tiny_models import save_tiny_model
 from workers.model.batch import ForwardBatch
 from workers.model.checkpoint import Checkpoint, load_model
-from workers.model.errors import (CheckpointError, ConfigFieldError, MissingWeightError, UnsupportedModelError,
-                                  WeightShapeError)
+from workers.model.errors import (
+    CheckpointError,
+    ConfigFieldError,
+    MissingWeightError,
+    UnsupportedModelError,
+    WeightShapeError,
+)
 
 
 @pytest.fixture()
@@ -125,3 +130,35 @@ def test_unsupported_rope_scaling(ckpt):
 def test_moge_groups_must_divide(ckpt):
     with pytest.raises(ConfigFieldError, match="moge_num_groups"):
         Checkpoint(ckpt, moge_groups=4)  # 6 experts
+
+
+def test_check_shapes_reads_headers_only_and_names_the_tensor(ckpt, monkeypatch):
+    """What ``Deployment`` runs before any actor starts (a wrong shape used to surface as
+    an ActorDiedError from inside the actors)."""
+    Checkpoint(ckpt).check_shapes()
+    tensors = load_file(ckpt / "model.safetensors")
+    key = "model.layers.2.block_sparse_moe.experts.5.w2.weight"
+    tensors[key] = torch.zeros(32, 40)
+    save_file(tensors, ckpt / "model.safetensors")
+    checkpoint = Checkpoint(ckpt)
+    monkeypatch.setattr(Checkpoint, "_read", lambda *a: pytest.fail("check_shapes read a weight"))
+    with pytest.raises(WeightShapeError) as err:
+        checkpoint.check_shapes()
+    assert err.value.key == key and err.value.got == (32, 40) and err.value.expected == (32, 48)
+    del tensors[key]
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(MissingWeightError, match=r"experts\.5\.w2"):
+        Checkpoint(ckpt).check_shapes()
+
+
+@pytest.mark.parametrize("error", [CheckpointError("m/x", "bad", "fix it"), WeightShapeError("m/x", "k", (1, 2), (2, 1)),
+                                   MissingWeightError("m/x", "k"), ConfigFieldError("m/c", "f", 3, "an int"),
+                                   UnsupportedModelError("m/c", "model_type", "x", "mixtral")],
+                         ids=lambda e: type(e).__name__)
+def test_errors_survive_pickling(error):
+    """Ray carries an actor's error to the driver by pickle; before __reduce__, these
+    arrived as UnserializableException (their __init__ takes more than the message)."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)

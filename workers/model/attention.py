@@ -8,9 +8,12 @@ d = head dim, D = hidden.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from workers.model.batch import ForwardBatch
 from workers.model.config import ModelConfig
@@ -49,19 +52,26 @@ def _context(batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor, cache: KVCac
     return keys.to(k.dtype), values.to(v.dtype), batch.max_len
 
 
+def _gpu_kernels():
+    """SDPA kernels for CUDA without cuDNN: cuDNN builds a graph for every new KV length
+    (about 13 ms of host time per call in bfloat16 on an H100; benchmarks/RESULTS.md "GPU")."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _attend(batch: ForwardBatch, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             length: int, scale: float) -> torch.Tensor:
     """Causal attention of ``q [T, H, d]`` over ``keys/values [B, L, G, d]`` -> ``[T, H, dv]``."""
     query_pos = _pad(batch, batch.positions)  # [B, N]; padding rows sit at position 0
     mask = torch.arange(length, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, N, L]
-    out = F.scaled_dot_product_attention(
-        _pad(batch, q).transpose(1, 2),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=mask[:, None],
-        scale=scale,
-        enable_gqa=keys.shape[2] != q.shape[1],
-    )  # [B, H, N, dv]
+    with _gpu_kernels() if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            _pad(batch, q).transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask[:, None],
+            scale=scale,
+            enable_gqa=keys.shape[2] != q.shape[1],
+        )  # [B, H, N, dv]
     return out.transpose(1, 2)[batch.seq_index, batch.query_index]
 
 

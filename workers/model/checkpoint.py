@@ -16,7 +16,13 @@ from safetensors import SafetensorError, safe_open
 
 from workers.model.config import ModelConfig
 from workers.model.decoder import MoEForCausalLM
-from workers.model.errors import CheckpointError, ConfigFieldError, MissingWeightError, WeightShapeError
+from workers.model.errors import (
+    CheckpointError,
+    ConfigFieldError,
+    MissingWeightError,
+    NonFiniteWeightError,
+    WeightShapeError,
+)
 from workers.model.families import checkpoint_key, expert_keys, family_of, parse_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -97,14 +103,63 @@ class Checkpoint:
         if key not in self.weight_map:
             raise MissingWeightError(self.path, key)
         shard = self.weight_map[key]
-        try:
-            value = self._open(shard).get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(self.path / shard, f"tensor '{key}' cannot be read ({exc})",
-                                  "the file is truncated or corrupt: download it again") from None
+        value = self._read(shard, key)
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise WeightShapeError(str(self.path / shard), key, tuple(value.shape), tuple(shape))
         return value if dtype is None else value.to(dtype)
+
+    def _read(self, shard: str, key: str) -> torch.Tensor:
+        try:
+            return self._open(shard).get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(self.path / shard, f"tensor '{key}' cannot be read ({exc})",
+                                  "the file is truncated or corrupt: download it again") from None
+
+    def check_finite(self) -> None:
+        """Scan every floating-point tensor of every shard for NaN and Inf values, one
+        tensor in memory at a time (safetensors reads each lazily from its file); raise
+        NonFiniteWeightError naming the shard and the first bad tensor with its counts."""
+        bad: list[tuple[str, str, int, int, int]] = []  # (shard, key, nan, inf, numel)
+        for shard in sorted(set(self.weight_map.values())):
+            for key in sorted(self._open(shard).keys()):
+                value = self._read(shard, key)
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    nan = int(torch.isnan(value).sum())
+                    bad.append((shard, key, nan, int(torch.isinf(value).sum()), value.numel()))
+                del value
+        if bad:
+            shard, key, nan, inf, numel = bad[0]
+            raise NonFiniteWeightError(self.path / shard, key, nan, inf, numel, [b[1] for b in bad])
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint key -> the shape config.json implies, for every tensor the model
+        reads (routed experts included); the model is built on the meta device (no memory)."""
+        c = self.config
+        with torch.device("meta"):
+            params = MoEForCausalLM(c, False).state_dict()
+        shapes = {key: tuple(params[name].shape) for name, key in _dense_keys(self, params)}
+        d, i = c.hidden_size, c.moe_intermediate_size
+        for layer in c.moe_layer_ids:
+            for expert in range(c.num_experts):
+                gate, up, down = expert_keys(c, layer, expert)
+                shapes.update({gate: (i, d), up: (i, d), down: (d, i)})
+        return shapes
+
+    def check_shapes(self) -> None:
+        """Every tensor config.json implies is present with its shape, checked from the
+        shard headers alone (no weight is read); raise MissingWeightError or
+        WeightShapeError naming the first that is not."""
+        for key, shape in self.expected_shapes().items():
+            if key not in self.weight_map:
+                raise MissingWeightError(self.path, key)
+            shard = self.weight_map[key]
+            try:
+                got = tuple(self._open(shard).get_slice(key).get_shape())
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(self.path / shard, f"tensor '{key}' cannot be read ({exc})",
+                                      "the file is truncated or corrupt: download it again") from None
+            if got != shape:
+                raise WeightShapeError(str(self.path / shard), key, got, shape)
 
     def expert_weights(self, layer: int, experts: list[int],
                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +177,21 @@ class Checkpoint:
         return torch.stack(gate_up), torch.stack(down)
 
 
+def _dense_keys(ckpt: Checkpoint, names) -> list[tuple[str, str]]:
+    """(model state name, checkpoint key) of every tensor but the routed experts; a tied
+    ``lm_head`` reads the embedding where the checkpoint has no lm_head of its own."""
+    c = ckpt.config
+    pairs = []
+    for name in names:
+        if ".mlp.experts." in name:
+            continue
+        key = checkpoint_key(c, name)
+        if name == "lm_head.weight" and c.tie_word_embeddings and not ckpt.has(key):
+            key = checkpoint_key(c, "model.embed_tokens.weight")
+        pairs.append((name, key))
+    return pairs
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, moge_groups: int | None = None,
                with_experts: bool = True, checkpoint: Checkpoint | None = None) -> MoEForCausalLM:
     """Build the model of a checkpoint directory and fill every weight (routed experts
@@ -131,14 +201,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, moge_groups
     with torch.device("meta"):
         model = MoEForCausalLM(config, with_experts)
     model = model.to_empty(device="cpu").to(dtype)
-    state = {}
-    for name, param in model.state_dict().items():
-        if ".mlp.experts." in name:
-            continue
-        key = checkpoint_key(config, name)
-        if name == "lm_head.weight" and config.tie_word_embeddings and not ckpt.has(key):
-            key = checkpoint_key(config, "model.embed_tokens.weight")
-        state[name] = ckpt.tensor(key, tuple(param.shape), dtype)
+    params = model.state_dict()
+    state = {name: ckpt.tensor(key, tuple(params[name].shape), dtype) for name, key in _dense_keys(ckpt, params)}
     if with_experts:
         for layer in config.moe_layer_ids:
             gate_up, down = ckpt.expert_weights(layer, list(range(config.num_experts)), dtype)

@@ -6,6 +6,16 @@ from __future__ import annotations
 class RaymoeModelError(ValueError):
     """Base class: something about a checkpoint or a model config is wrong."""
 
+    def __reduce__(self):  # picklable whatever a subclass's __init__ takes (Ray carries it from actors)
+        return _rebuild, (type(self), str(self), self.__dict__)
+
+
+def _rebuild(cls: type, message: str, state: dict) -> RaymoeModelError:
+    error = cls.__new__(cls)
+    ValueError.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class CheckpointError(RaymoeModelError):
     """A checkpoint file is missing, unreadable or inconsistent.
@@ -55,4 +65,22 @@ class MissingWeightError(CheckpointError):
             path,
             f"tensor '{key}' is not in the checkpoint",
             fix or "the checkpoint is incomplete or config.json does not match it",
+        )
+
+
+class NonFiniteWeightError(CheckpointError):
+    """Tensors of a checkpoint hold NaN or Inf values (``Checkpoint.check_finite``).
+
+    Attributes: ``key`` (the first bad tensor), ``nan`` and ``inf`` (its counts),
+    ``numel`` (its size) and ``bad_keys`` (every bad tensor of the checkpoint).
+    """
+
+    def __init__(self, path: str, key: str, nan: int, inf: int, numel: int, bad_keys: list[str]):
+        self.key, self.nan, self.inf, self.numel, self.bad_keys = key, nan, inf, numel, list(bad_keys)
+        others = f"; {len(bad_keys)} tensors are not finite: {', '.join(bad_keys[:5])}" + (
+            ", ..." if len(bad_keys) > 5 else "") if len(bad_keys) > 1 else ""
+        super().__init__(
+            path,
+            f"tensor '{key}' holds {nan} NaN and {inf} Inf values (of {numel}){others}",
+            "re-export the checkpoint, or set check_finite: false to load it anyway",
         )
