@@ -6,8 +6,10 @@ Scenarios, each on a fresh deployment (front-end + 2 expert ranks, gloo): no fau
 baseline), SIGKILL of an expert rank, SIGKILL of the front-end (its KV caches are lost:
 every request re-prefills its committed tokens), SIGSTOP of an expert rank (a hang,
 found by the collective timeout), and a live plan change (linear -> round_robin: expert
-weights move over the process group; its "recovered" time is the move). The fault lands
-after the 4th step. Per run:
+weights move over the process group; its "recovered" time is the move), and SIGKILL of an
+expert rank when every expert is on both ranks (a standby serves on the replicas at once
+while the replacement loads; "full plan back" is when the replacement took over). The
+fault lands after the 4th step. Per run:
 whether every request's greedy tokens equal the reference engine's, how long the
 failure took to notice and to recover from, and the wall time lost against the baseline.
 """
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
@@ -30,12 +33,14 @@ from cluster.config import parse_config
 from cluster.coordinator import Deployment
 from cluster.tables import format_table
 from placement import build_plan
+from placement.plan import PlacementPlan
+from workers.model.checkpoint import Checkpoint
 from workers.reference import ReferenceEngine
 from workers.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny-moe"
-SCENARIOS = ("none", "kill-expert-rank", "kill-front-end", "hang-expert-rank", "plan-change")
+SCENARIOS = ("none", "kill-expert-rank", "kill-replicated-rank", "kill-front-end", "hang-expert-rank", "plan-change")
 
 
 def prompts_for(tokenizer, count: int) -> list[list[int]]:
@@ -44,15 +49,27 @@ def prompts_for(tokenizer, count: int) -> list[list[int]]:
     return [ids[i * 40: i * 40 + 12 + i % 7] for i in range(count)]
 
 
+def replicated_plan(num_layers: int, num_experts: int) -> PlacementPlan:
+    """Every expert on both of 2 ranks."""
+    phy2log = np.tile(np.concatenate([np.arange(num_experts)] * 2), (num_layers, 1))
+    slot2rank = np.tile(np.repeat([0, 1], num_experts), (num_layers, 1))
+    return PlacementPlan(num_ranks=2, num_nodes=1, num_experts=num_experts, phy2log=phy2log, slot2rank=slot2rank,
+                         policy="replicated", params={}, objectives={})
+
+
 def run(model: Path, scenario: str, prompts, params, collective_timeout_s: float) -> dict:
     config = parse_config({"model": str(model), "expert_ranks": 2, "batching": {"max_seqs": len(prompts)},
                            "resources": {"cpus_per_actor": 0.1}, "collective_timeout_s": collective_timeout_s,
                            "recovery": {"settle_s": 5}})
-    with Deployment(config) as dep:
+    checkpoint = Checkpoint(model).config
+    plan = replicated_plan(len(checkpoint.moe_layer_ids), checkpoint.num_experts) \
+        if scenario == "kill-replicated-rank" else None
+    with Deployment(config, plan) as dep:
         pids = [w["pid"] for w in ray.get([a.where.remote() for a in dep.actors])]
         moved: dict = {}
         faults = {
             "kill-expert-rank": lambda: os.kill(pids[2], signal.SIGKILL),
+            "kill-replicated-rank": lambda: os.kill(pids[2], signal.SIGKILL),
             "kill-front-end": lambda: os.kill(pids[0], signal.SIGKILL),
             "hang-expert-rank": lambda: os.kill(pids[2], signal.SIGSTOP),
             "plan-change": lambda: moved.update(dep.set_plan(build_plan(
@@ -73,11 +90,15 @@ def run(model: Path, scenario: str, prompts, params, collective_timeout_s: float
                 except ProcessLookupError:
                     pass
         wall = time.perf_counter() - started
+        if dep.recoveries and dep.recoveries[0].fallback and dep.recoveries[0].restored_seconds is None:
+            dep.restore()  # decoding ended first: wait for the replacement, for the record
         rec = dep.recoveries[0] if dep.recoveries else None
     return {"scenario": scenario, "outputs": [done[i] for i in ids], "wall_s": wall, "recoveries": len(dep.recoveries),
             "detect_s": rec.detect_seconds if rec else 0.0,
             "recover_s": rec.seconds if rec else moved.get("seconds", 0.0),
-            "replaced": rec.replaced if rec else [], "moved_bytes": moved.get("bytes", 0)}
+            "replaced": rec.replaced if rec else [], "moved_bytes": moved.get("bytes", 0),
+            "degraded_steps": rec.degraded_steps if rec else 0,
+            "restored_s": rec.restored_seconds if rec and rec.restored_seconds is not None else None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,12 +130,16 @@ def main(argv: list[str] | None = None) -> None:
         summary[scenario] = {**median, "lost_s": median["wall_s"] - baseline, "runs": len(mine),
                              "all_equal_reference": all(r["equal_reference"] for r in mine),
                              "recoveries": [r["recoveries"] for r in mine], "replaced": mine[0]["replaced"],
-                             "moved_bytes": mine[0]["moved_bytes"]}
+                             "moved_bytes": mine[0]["moved_bytes"],
+                             "degraded_steps": [r["degraded_steps"] for r in mine],
+                             "restored_s": [r["restored_s"] for r in mine]}
         s = summary[scenario]
+        restored = [r for r in s["restored_s"] if r is not None]
         rows.append([scenario, f"{s['all_equal_reference']}", f"{s['detect_s']:.2f}", f"{s['recover_s']:.2f}",
+                     f"{statistics.median(restored):.2f}" if restored else "-",
                      f"{s['wall_s']:.2f}", f"{s['lost_s']:+.2f}", str(s["replaced"])])
-    print(format_table(["fault", "tokens == reference", "noticed (s)", "recovered (s)", "wall (s)", "lost (s)",
-                        "replaced"], rows))
+    print(format_table(["fault", "tokens == reference", "noticed (s)", "serving again (s)", "full plan back (s)",
+                        "wall (s)", "lost (s)", "replaced"], rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
                                     "runs": runs}, indent=2))

@@ -66,6 +66,7 @@ class RecoveryConfig:
     max_attempts: int = 3  # recoveries tried for one step before its error is raised (0: fail at once)
     step_timeout_s: float = 600.0  # a step silent this long counts as hung even if no collective timed out
     settle_s: float = 10.0  # after one rank fails, how long the others get to return before counting as hung
+    fallback_to_replicas: bool = True  # a standby serves a failed expert rank's place on replicas while it reloads
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,8 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
            rc.step_timeout_s, "seconds in [1, 86400]", source)
     _check(_is_number(rc.settle_s) and 0 < rc.settle_s <= 3600, "recovery.settle_s", rc.settle_s,
            "seconds in (0, 3600]", source)
+    _check(isinstance(rc.fallback_to_replicas, bool), "recovery.fallback_to_replicas", rc.fallback_to_replicas,
+           "true or false", source)
     _check(isinstance(c.check_finite, bool), "check_finite", c.check_finite, "true or false", source)
     _check(c.backend in BACKENDS, "backend", c.backend, f"one of {list(BACKENDS)}", source)
     _check(_is_number(c.collective_timeout_s) and 1 <= c.collective_timeout_s <= 3600, "collective_timeout_s",

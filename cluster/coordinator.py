@@ -21,10 +21,10 @@ from cluster.bootstrap import cluster_gpus, connect, create_placement_group
 from cluster.config import DeploymentConfig, DeploymentConfigError
 from cluster.multinode import bundle_label_selectors, check_pinning
 from cluster.process_group import pick_backend
-from cluster.recovery import Recovery, StepFailure, settle, wait_all
+from cluster.recovery import Recovering, Recovery, StepFailure, wait_all
 from workers.coherent import CoherentRank
 from workers.engine import Engine
-from workers.expert_map import layer_maps
+from workers.expert_map import layer_maps, without_ranks
 from workers.experts import ExpertWorker
 from workers.frontend import FrontEnd
 from workers.model.checkpoint import Checkpoint
@@ -60,7 +60,7 @@ def check_plan(plan, expert_ranks: int, num_moe_layers: int, num_experts: int) -
                                         f"the deployment needs {want}; rebuild the plan with `raymoe plan`")
 
 
-class Deployment(Engine):
+class Deployment(Recovering, Engine):
     """Front-end + expert ranks on Ray, serving one model. Use as a context manager or
     call ``shutdown()``; a second deployment can follow in the same process."""
 
@@ -85,6 +85,7 @@ class Deployment(Engine):
         super().__init__(scheduler, tokenizer, b.max_queue)
         self.stats = RuntimeStats()
         self.recoveries: list[Recovery] = []
+        self._pending: dict = {}
         self.actors: list = []
         self.placement_group = None
         connect(config.ray)
@@ -111,7 +112,10 @@ class Deployment(Engine):
                                                           self.plan, c.layout, c.ray.node_label))
         self.maps = layer_maps(self.plan)
         self.actors = [self._new_actor(index) for index in range(self.world)]
+        self.standby = self._new_standby()  # starts alongside the actors
         self._join_all()
+        if self.standby is not None:
+            ray.get(self.standby.where.remote())  # up before the first step, ready to step in
         log.info("%s deployment up: %d expert ranks, backend %s, rendezvous %s",
                  c.layout, c.expert_ranks, self.backend, self.rendezvous)
 
@@ -142,6 +146,17 @@ class Deployment(Engine):
         return ray.remote(ExpertWorker).options(**options).remote(
             c.model, self.dtype, index - 1, self.maps, c.moge_groups, res.threads_per_actor)
 
+    def _new_standby(self):
+        """A spare ExpertWorker holding no experts, outside the placement group (it needs
+        no resources until it serves), when a failed expert rank could fall back to
+        replicas: disaggregated, gloo, and some rank's experts all replicated elsewhere."""
+        c = self.config
+        if not c.recovery.fallback_to_replicas or c.layout != "disaggregated" or self.backend != "gloo" or \
+                all(without_ranks(self.maps, {r}) is None for r in range(c.expert_ranks)):
+            return None
+        return ray.remote(ExpertWorker).options(num_cpus=0, max_restarts=0).remote(
+            c.model, self.dtype, None, None, c.moge_groups, c.resources.threads_per_actor)
+
     def _join_all(self) -> None:
         """Every actor joins a new process group, meeting at a fresh address on rank 0's node.
         Waits for every actor to be up first (the join must not time out on a slow start)."""
@@ -160,9 +175,10 @@ class Deployment(Engine):
 
     def shutdown(self) -> None:
         """Kill the actors (ending their process-group membership) and free the placement group."""
-        for actor in self.actors:
+        spares = [self.standby] if self.standby is not None else []
+        for actor in [*self.actors, *spares, *(replacement for replacement, _ in self._pending.values())]:
             ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self.standby, self._pending = [], None, {}
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
             self.placement_group = None
@@ -180,6 +196,7 @@ class Deployment(Engine):
         for attempt in range(r.max_attempts + 1):
             started = time.perf_counter()
             try:
+                self._restore_if_ready()
                 return self._execute_once(step)
             except StepFailure as failure:
                 if attempt == r.max_attempts:
@@ -205,40 +222,6 @@ class Deployment(Engine):
         r = self.config.recovery
         return wait_all(refs, r.settle_s, r.step_timeout_s)
 
-    # -- recovery --------------------------------------------------------------------
-    def _recover(self, failure: StepFailure, step_id: int, detect_seconds: float, replace_all: bool = False) -> None:
-        """Replace the dead and hung actors (a new actor reloads its weights from the
-        checkpoint), have the survivors leave the broken group (one that cannot is
-        replaced too), and rebuild the process group with every actor."""
-        started = time.perf_counter()
-        log.warning("step %d failed (%s); recovering", step_id, failure)
-        broken = set(range(len(self.actors))) if replace_all else set(failure.broken)
-        survivors = [i for i in range(len(self.actors)) if i not in broken]
-        left = settle([self.actors[i].leave.remote() for i in survivors], self.config.recovery.settle_s)
-        broken |= {i for i, ok in zip(survivors, left) if not ok}
-        left_at = time.perf_counter()
-        for i in sorted(broken):
-            ray.kill(self.actors[i], no_restart=True)
-            self.actors[i] = self._new_actor(i)
-        self._join_all()
-        log.info("recovery phases: survivors left the group in %.2f s; replacements up and group joined in %.2f s",
-                 left_at - started, time.perf_counter() - left_at)
-        record = Recovery(step_id, sorted(broken), failure.dead, failure.hung, detect_seconds,
-                          time.perf_counter() - started, len(self.scheduler.running), str(failure)[:300])
-        self.recoveries.append(record)
-        log.warning("recovered from the failure of step %d in %.1f s (noticed after %.1f s): replaced actors %s; "
-                    "%d sequences replay from their committed tokens", step_id, record.seconds, detect_seconds,
-                    record.replaced, record.replayed_seqs)
-
-    def _replay(self, step: StepInput) -> StepInput:
-        """The step again, every sequence re-prefilling its committed tokens (prompt and the
-        tokens sampled so far): a replaced actor's KV cache is empty, and a survivor's may
-        hold half a step. Sampling is stateless per (seed, token index), so the replayed
-        step samples what the failed one would have."""
-        for seq in self.scheduler.running:
-            seq.cached = 0
-        return StepInput(step.step_id, [self._seq_step(s) for s in self.scheduler.running], step.return_logits)
-
     # -- plan changes ----------------------------------------------------------------
     def set_plan(self, plan) -> dict:
         """Switch to a new placement plan between steps: expert weights move between the
@@ -253,6 +236,7 @@ class Deployment(Engine):
                 != bundle_label_selectors(self.plan, self.config.layout, self.config.ray.node_label):
             raise DeploymentConfigError("placement.plan", "nodes", "a live plan change keeps every rank on its node; "
                                         "redeploy to move ranks between nodes")
+        self.restore()  # a fallback in progress ends first: every rank holds its own experts again
         started = time.perf_counter()
         maps = layer_maps(plan)
         self.plan, self.maps = plan, maps
@@ -263,6 +247,8 @@ class Deployment(Engine):
             for seq in self.scheduler.running:
                 seq.cached = 0
             moved = []
+        if self.standby is None:  # the new plan may replicate a whole rank's experts
+            self.standby = self._new_standby()
         return {"experts": sum(m.experts_sent for m in moved), "bytes": sum(m.bytes_sent for m in moved),
                 "collectives": moved[0].collectives if moved else 0, "seconds": time.perf_counter() - started}
 

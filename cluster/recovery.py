@@ -13,17 +13,31 @@ coordinator waits for the calls of a step as follows:
   collective);
 - nothing returns for ``step_timeout_s``: every actor still running is hung.
 
-``StepFailure`` carries that verdict; ``Deployment`` replaces the dead and the hung,
-rebuilds the process group and replays the step (``cluster/coordinator.py``).
+``StepFailure`` carries that verdict. ``Recovering`` (a base of ``Deployment``) then
+replaces the dead and the hung, rebuilds the process group and replays the step.
+
+Fallback to replicas (disaggregated layout, gloo): when every expert of the failed
+expert ranks has a replica on a live rank, a standby actor (started with the deployment,
+holding no experts) takes each failed rank's place at once, the dispatch tables stop
+using the failed ranks' slots (``workers/expert_map.py: without_ranks``), and serving
+goes on while the replacements load their experts; between two steps, once they are
+up, they take their ranks back and the full plan is restored.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import RayActorError
+
+from workers.expert_map import without_ranks
+from workers.step import StepInput
+
+log = logging.getLogger("raymoe")
 
 
 class StepFailure(RuntimeError):
@@ -53,6 +67,9 @@ class Recovery:
     seconds: float  # from then to the process group being whole again (replacements loaded)
     replayed_seqs: int  # sequences re-prefilled from their committed tokens
     reason: str = field(default="", compare=False)
+    fallback: bool = False  # standbys served the failed ranks' places while their replacements loaded
+    degraded_steps: int = 0  # steps served that way
+    restored_seconds: float | None = None  # fallback: from noticing the failure to the full plan being back
 
 
 def wait_all(refs: list, settle_s: float, step_timeout_s: float) -> list:
@@ -99,3 +116,114 @@ def settle(refs: list, timeout_s: float) -> list[bool]:
         except Exception:
             ok.append(False)
     return ok
+
+
+class Recovering:
+    """Recovery for ``cluster.coordinator.Deployment``, which provides ``actors``,
+    ``maps``, ``config``, ``scheduler``, ``backend``, ``recoveries``, ``_new_actor``,
+    ``_new_standby``, ``_join_all``, ``_wait`` and ``_seq_step``."""
+
+    standby = None  # an ExpertWorker holding no experts, or None
+    _fallback_since = 0.0  # time.perf_counter() when the last fallback began
+    _pending: dict  # actor index -> (replacement actor, its readiness ref), while serving degraded
+
+    def _recover(self, failure: StepFailure, step_id: int, detect_seconds: float, replace_all: bool = False) -> None:
+        """Replace the dead and hung actors (a new actor reloads its weights from the
+        checkpoint), have the survivors leave the broken group (one that cannot is
+        replaced too), and rebuild the process group with every actor. With a standby
+        and replicas of the failed ranks' experts, the standby steps in at once and the
+        replacement loads in the background (module docstring)."""
+        started = time.perf_counter()
+        log.warning("step %d failed (%s); recovering", step_id, failure)
+        broken = set(range(len(self.actors))) if replace_all else set(failure.broken)
+        broken |= self._abandon_fallback()
+        survivors = [i for i in range(len(self.actors)) if i not in broken]
+        left = settle([self.actors[i].leave.remote() for i in survivors], self.config.recovery.settle_s)
+        broken |= {i for i, ok in zip(survivors, left) if not ok}
+        left_at = time.perf_counter()
+        degraded = self._fallback_maps(broken)
+        for i in sorted(broken):
+            ray.kill(self.actors[i], no_restart=True)
+            if degraded is not None:  # the standby serves rank i - 1 (no experts) while its replacement loads
+                self._fallback_since = started
+                replacement = self._new_actor(i)
+                self._pending[i] = (replacement, replacement.where.remote())
+                self.actors[i], self.standby = self.standby, None
+            else:
+                self.actors[i] = self._new_actor(i)
+        self._join_all()
+        if degraded is not None:
+            self._wait([a.adopt_maps.remote(degraded, i - 1) for i, a in enumerate(self.actors)])
+        log.info("recovery phases: survivors left the group in %.2f s; replacements up and group joined in %.2f s",
+                 left_at - started, time.perf_counter() - left_at)
+        record = Recovery(step_id, sorted(broken), failure.dead, failure.hung, detect_seconds,
+                          time.perf_counter() - started, len(self.scheduler.running), str(failure)[:300],
+                          fallback=degraded is not None)
+        self.recoveries.append(record)
+        log.warning("recovered from the failure of step %d in %.1f s (noticed after %.1f s): replaced actors %s%s; "
+                    "%d sequences replay from their committed tokens", step_id, record.seconds, detect_seconds,
+                    record.replaced, " (standby on replicas while the replacement loads)" if record.fallback else "",
+                    record.replayed_seqs)
+
+    def _fallback_maps(self, broken: set[int]):
+        """Maps without the broken expert ranks, when a standby can take their place (one
+        broken expert rank, disaggregated, gloo, every expert replicated elsewhere)."""
+        c = self.config
+        if (not c.recovery.fallback_to_replicas or self.standby is None or c.layout != "disaggregated"
+                or self.backend != "gloo" or len(broken) != 1 or 0 in broken):
+            return None
+        if not settle([self.standby.where.remote()], c.recovery.settle_s)[0]:  # the standby itself is gone
+            self.standby = None
+            return None
+        return without_ranks(self.maps, {i - 1 for i in broken})
+
+    def _restore_if_ready(self, wait: bool = False) -> None:
+        """Between steps: once the replacements have loaded, they take their ranks back
+        from the standby and the full plan is restored (and a new standby started)."""
+        if not self._pending:
+            return
+        refs = [ref for _, ref in self._pending.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        if len(ready) < len(refs):
+            self.recoveries[-1] = dataclasses.replace(self.recoveries[-1],
+                                                      degraded_steps=self.recoveries[-1].degraded_steps + 1)
+            return
+        try:
+            ray.get(refs)  # a replacement that died while loading raises here
+            settle([a.leave.remote() for a in self.actors], self.config.recovery.settle_s)
+            for i, (replacement, _) in self._pending.items():
+                ray.kill(self.actors[i], no_restart=True)  # the standby that served rank i - 1
+                self.actors[i] = replacement
+            self._pending = {}
+            self._join_all()
+            self._wait([a.adopt_maps.remote(self.maps, i - 1) for i, a in enumerate(self.actors)])
+        except Exception as exc:  # a double fault: recover the plain way (every actor re-checked)
+            raise StepFailure([], [], {-1: exc}) from exc
+        rec = self.recoveries[-1]
+        self.recoveries[-1] = dataclasses.replace(rec, restored_seconds=time.perf_counter() - self._fallback_since)
+        self.standby = self._new_standby()
+        log.warning("full plan restored: the replacement of actors %s is up after %d steps on replicas",
+                    rec.replaced, rec.degraded_steps)
+
+    def _abandon_fallback(self) -> set[int]:
+        """A failure while serving on replicas: drop the pending replacements; the standbys
+        in their places are replaced like any broken actor (returns their indices)."""
+        for replacement, _ in self._pending.values():
+            ray.kill(replacement, no_restart=True)
+        broken, self._pending = set(self._pending), {}
+        return broken
+
+    def restore(self) -> None:
+        """Wait for replacements still loading after a fallback and restore the full plan
+        (``Deployment.set_plan`` does this first; also useful before measuring)."""
+        self._restore_if_ready(wait=True)
+
+    def _replay(self, step: StepInput) -> StepInput:
+        """The step again, every sequence re-prefilling its committed tokens (prompt and the
+        tokens sampled so far): a replaced actor's KV cache is empty, and a survivor's may
+        hold half a step. Sampling is stateless per (seed, token index), so the replayed
+        step samples what the failed one would have."""
+        for seq in self.scheduler.running:
+            seq.cached = 0
+        return StepInput(step.step_id, [self._seq_step(s) for s in self.scheduler.running], step.return_logits)
+

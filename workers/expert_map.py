@@ -50,3 +50,24 @@ def layer_maps(plan) -> list[LayerMap]:
             rank_experts=tuple(tuple(int(e) for e in plan.rank_experts(layer, r)) for r in range(plan.num_ranks)),
         ))
     return maps
+
+
+def without_ranks(maps: list[LayerMap], ranks: set[int]) -> list[LayerMap] | None:
+    """The maps with every slot on ``ranks`` out of use: each expert is dispatched only to
+    its replicas on the other ranks (``log2phy``/``logcnt`` shrink; slot ids, ``slot_local``
+    and the other ranks' slots stay as they are, so their stacks need no change). None
+    when some expert of some layer has no replica left."""
+    out = []
+    for m in maps:
+        gone = torch.tensor([int(r) in ranks for r in m.slot_rank.tolist()])
+        log2phy = torch.full_like(m.log2phy, -1)
+        logcnt = torch.zeros_like(m.logcnt)
+        for expert, row in enumerate(m.log2phy.tolist()):
+            slots = [slot for slot in row if slot >= 0 and not gone[slot]]
+            if not slots:
+                return None
+            log2phy[expert, :len(slots)] = torch.tensor(slots)
+            logcnt[expert] = len(slots)
+        rank_experts = tuple(() if r in ranks else experts for r, experts in enumerate(m.rank_experts))
+        out.append(LayerMap(log2phy, logcnt, m.slot_rank, m.slot_local, rank_experts))
+    return out

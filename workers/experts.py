@@ -35,19 +35,36 @@ def load_expert_stacks(ckpt: Checkpoint, maps: list[LayerMap], expert_rank: int,
 
 
 class ExpertWorker(RankActor):
-    def __init__(self, model_path: str, dtype: torch.dtype, expert_rank: int, maps: list[LayerMap],
+    """``expert_rank=None``: a standby, holding no expert until ``adopt_maps`` gives it the
+    rank of a dead one whose experts all have replicas elsewhere (``cluster/coordinator.py``)."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype, expert_rank: int | None, maps: list[LayerMap],
                  moge_groups: int | None = None, threads: int = 1):
         super().__init__(threads)
-        ckpt = Checkpoint(model_path, moge_groups)
-        config = ckpt.config
+        self.ckpt = Checkpoint(model_path, moge_groups)
+        config = self.ckpt.config
         self.expert_rank, self.dtype, self.maps = expert_rank, dtype, maps
         self.hidden, self.top_k, self.inter = config.hidden_size, config.top_k, config.moe_intermediate_size
         self.row_bytes = row_bytes(config.hidden_size, config.top_k, dtype)
-        self.stacks = load_expert_stacks(ckpt, maps, expert_rank, dtype, self.device)
+        self.stacks = load_expert_stacks(self.ckpt, maps, expert_rank, dtype, self.device) \
+            if expert_rank is not None else []
 
     def hosted(self) -> list[int]:
         """Number of expert slots per MoE layer held here."""
         return [s.num_experts for s in self.stacks]
+
+    def adopt_maps(self, maps: list[LayerMap], expert_rank: int | None = None) -> None:
+        """Dispatch tables that keep this rank's slots as they are (a failed peer's slots
+        taken out of use, or back): no weight moves. A standby takes ``expert_rank``, which
+        must hold no slot under ``maps``."""
+        if self.expert_rank is None:
+            if any(m.rank_experts[expert_rank] for m in maps):
+                raise ValueError(f"a standby cannot take expert rank {expert_rank}: it holds slots under these maps")
+            self.expert_rank = expert_rank
+            self.stacks = load_expert_stacks(self.ckpt, maps, expert_rank, self.dtype, self.device)  # empty
+        elif [m.rank_experts[self.expert_rank] for m in maps] != [m.rank_experts[self.expert_rank] for m in self.maps]:
+            raise ValueError(f"expert rank {self.expert_rank}: these maps change its slots; use set_maps")
+        self.maps = maps
 
     @torch.inference_mode()
     def set_maps(self, maps: list[LayerMap]) -> MoveStats:

@@ -79,6 +79,11 @@ class FrontEnd(RankActor):
         """Tokens per expert per MoE layer seen since ``record_trace(True)``, or None."""
         return self.runner.recorder.loads() if self.runner.recorder else None
 
+    def adopt_maps(self, maps: list[LayerMap], expert_rank: int | None = None) -> None:
+        """Dispatch by ``maps`` from the next step on (no weights move: a failed rank's
+        slots taken out of use, or back)."""
+        self.maps = [m.to(self.device) for m in maps]
+
     def set_maps(self, maps: list[LayerMap]) -> MoveStats:
         """Take part in a plan change (the front-end holds no experts: it sends and
         receives nothing) and dispatch by the new plan from the next step on."""

@@ -9,15 +9,18 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
+import torch
 
 from cluster.config import DeploymentConfigError, parse_config
 from cluster.coordinator import Deployment
 from cluster.recovery import StepFailure
+from placement.plan import PlacementPlan
 from tests.plans import linear_plan, random_plan
 from tests.tiny_models import save_tiny_model
-from workers.expert_map import layer_maps
+from workers.expert_map import layer_maps, without_ranks
 from workers.reference import ReferenceEngine
 from workers.replan import plan_moves
 from workers.sampling import SamplingParams
@@ -195,3 +198,49 @@ def test_plan_moves_sources_are_holders():
 def test_nccl_without_gpus_is_a_config_error(ray_session, model):
     with pytest.raises(DeploymentConfigError, match="backend"):
         deployment(model, 1, linear_plan(6, 1, 3), backend="nccl")
+
+
+def twice_plan(layers: int = 3) -> PlacementPlan:
+    """6 experts on 3 ranks, every expert on two of them: r0 {0,1,2,3}, r1 {2,3,4,5}, r2 {4,5,0,1}."""
+    phy2log = np.tile([0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 0, 1], (layers, 1))
+    slot2rank = np.tile(np.repeat([0, 1, 2], 4), (layers, 1))
+    return PlacementPlan(num_ranks=3, num_nodes=1, num_experts=6, phy2log=phy2log, slot2rank=slot2rank,
+                         policy="test", params={}, objectives={})
+
+
+def test_without_ranks_dispatches_only_to_live_replicas():
+    maps = layer_maps(twice_plan(1))
+    degraded = without_ranks(maps, {1})[0]
+    assert degraded.rank_experts == ((0, 1, 2, 3), (), (4, 5, 0, 1))
+    for expert in range(6):
+        slots = degraded.log2phy[expert, :degraded.logcnt[expert]]
+        assert len(slots) >= 1 and all(int(degraded.slot_rank[s]) != 1 for s in slots)
+        assert all(int(maps[0].slot_rank[s]) != 1 for s in slots)
+    assert degraded.logcnt.tolist() == [2, 2, 1, 1, 1, 1]
+    assert torch.equal(degraded.slot_local, maps[0].slot_local)  # live ranks' stacks need no change
+    assert without_ranks(layer_maps(linear_plan(6, 3, 1)), {1}) is None  # experts 2, 3 would have no copy
+    assert without_ranks(maps, {0, 2}) is None  # experts 0, 1 only lived there
+
+
+def test_standby_serves_on_replicas_while_the_dead_rank_reloads(ray_session, model, expected):
+    """Expert rank 1 dies; every expert it held has a replica elsewhere, so the standby
+    takes its place at once (holding nothing) and steps go on; once the replacement has
+    loaded, the full plan is back. Tokens equal the reference throughout."""
+    with deployment(model, 3, twice_plan()) as dep:
+        assert dep.standby is not None
+        pid = pid_of(dep, 2)
+        assert decode(dep, lambda d: os.kill(pid, signal.SIGKILL)) == expected
+        rec = dep.recoveries[0]
+        assert rec.fallback and rec.replaced == [2] and rec.degraded_steps >= 1
+        serving_again = rec.seconds
+        degraded = [s for s in dep.stats.per_step if all(layer.pairs_per_rank[1] == 0 for layer in s.layers)]
+        assert len(degraded) >= rec.degraded_steps  # rank 1 computed nothing while its place was on replicas
+        if dep.recoveries[0].restored_seconds is None:  # decoding ended before the replacement was up
+            dep.restore()
+        rec = dep.recoveries[0]
+        assert rec.restored_seconds is not None and dep.standby is not None  # a new standby for the next fault
+        before = len(dep.stats.per_step)
+        assert decode(dep, None) == expected  # the full plan again: rank 1 computes its experts
+        assert all(sum(layer.pairs_per_rank[1] for layer in s.layers) > 0 for s in dep.stats.per_step[before:])
+        print(f"fallback: serving again {serving_again:.2f} s after noticing, {rec.degraded_steps} steps on "
+              f"replicas, full plan back after {rec.restored_seconds:.2f} s")
