@@ -60,7 +60,9 @@ def invalid(message: str, param: str | None, code: str | None = None) -> APIErro
 
 
 def model_not_found(model: str, served: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist; this server serves '{served}' (GET /v1/models)",
+    """404 naming the model asked for (cut to 200 characters: a 1 MB name gets a short answer)."""
+    shown = model if len(model) <= 200 else model[:197] + "..."
+    return APIError(404, f"The model '{shown}' does not exist; this server serves '{served}' (GET /v1/models)",
                     "invalid_request_error", "model", "model_not_found")
 
 

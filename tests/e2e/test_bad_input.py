@@ -96,6 +96,14 @@ def test_unknown_routes_and_methods_get_error_objects(server):
     assert unknown_model.status_code == 404 and _error(unknown_model)["code"] == "model_not_found"
 
 
+def test_a_huge_unknown_model_name_gets_a_short_404(server):
+    name = "m" * (1 << 20)
+    response = _post(server, "completions", {"model": name, "prompt": "hi", "max_tokens": 1})
+    assert response.status_code == 404 and len(response.content) < 2048
+    error = _error(response)
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "m" * 150 in error["message"]
+
+
 def test_openai_client_raises_typed_errors_and_the_server_keeps_serving(server):
     with openai.OpenAI(base_url=server.openai_base, api_key="unused", max_retries=0) as client:
         with pytest.raises(openai.BadRequestError) as info:
