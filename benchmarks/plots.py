@@ -12,6 +12,14 @@ import numpy as np
 from benchmarks.baselines.measure import PHASES, RunResult
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _pyplot():
     import matplotlib
 
@@ -38,11 +46,7 @@ def throughput_vs_batch(rows: list[RunResult], out_dir: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     if systems:
         axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "compare_throughput.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "compare_throughput.png")
 
 
 def bytes_per_token(rows: list[RunResult], out_dir: Path) -> Path:
@@ -58,11 +62,7 @@ def bytes_per_token(rows: list[RunResult], out_dir: Path) -> Path:
     ax.set_xlabel(f"KiB across processes per decoded token (batch {big})")
     ax.invert_yaxis()
     ax.set_xlim(0, max((r.bytes_per_token for r in mine), default=1) / 1024 * 1.6)
-    fig.tight_layout()
-    path = out_dir / "compare_bytes_per_token.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "compare_bytes_per_token.png")
 
 
 def rank_load_heatmap(rows: list[RunResult], out_dir: Path) -> Path:
@@ -90,11 +90,7 @@ def rank_load_heatmap(rows: list[RunResult], out_dir: Path) -> Path:
         ax.set_ylabel("MoE layer")
         ax.set_title(f"{r.system}\nmax/mean {share.max(axis=1).mean():.2f} (batch {big})", fontsize=9)
         fig.colorbar(image, ax=ax, label="load / layer mean")
-    fig.tight_layout()
-    path = out_dir / "compare_rank_load.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "compare_rank_load.png")
 
 
 def time_split(rows: list[RunResult], out_dir: Path) -> Path:
@@ -112,11 +108,7 @@ def time_split(rows: list[RunResult], out_dir: Path) -> Path:
     ax.set_xlabel(f"decode ms per token by phase (batch {big}; phases as each system measures them)")
     ax.invert_yaxis()
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "compare_time_split.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "compare_time_split.png")
 
 
 def cost_model_check(check: dict, out_dir: Path) -> Path:
@@ -138,11 +130,7 @@ def cost_model_check(check: dict, out_dir: Path) -> Path:
     ax.set_ylabel("cost model ms")
     ax.set_title("cost model vs measured CPU runs")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "compare_cost_model_check.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "compare_cost_model_check.png")
 
 
 def cost_model_projection(rows: list[dict], out_dir: Path) -> Path:
@@ -171,11 +159,7 @@ def cost_model_projection(rows: list[dict], out_dir: Path) -> Path:
     axes[1].invert_yaxis()
     axes[1].set_xlabel(f"projected ms per decode step at {big} GPUs")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "compare_cost_model_projection.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "compare_cost_model_projection.png")
 
 
 def cost_model_plots(result: dict, out_dir: Path) -> list[Path]:
