@@ -13,7 +13,8 @@ Policy options (keyword arguments of ``build_plan``):
   ``restarts`` (heuristic; default 16 on small problems, else 1), ``max_sweeps``,
   ``seed``, ``mip_rel_gap``, ``progress`` (tqdm bar on stderr). The solver's outcome
   (``optimal``, ``time_limit``, ``local_optimum``, ...) is recorded as
-  ``params["solver_status"]``; ``objectives`` holds only floats.
+  ``params["solver_status"]``; when ``auto``'s exact solve fails, the heuristic's plan is
+  kept and ``params["solver_fallback"]`` says why; ``objectives`` holds only floats.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from placement.affinity import (AffinityProblem, SolveResult, layout_from_presence, load_lower_bound,
                                 make_problem)
 from placement.baselines import linear_layout, round_robin_layout
-from placement.errors import ConfigError, LoadCapInfeasible
+from placement.errors import ConfigError, LoadCapInfeasible, SolverError
 from placement.hierarchical import solve_hierarchical
 from placement.metrics import (coactivation_split_fraction, cross_device_fraction, imbalance_of,
                                inter_node_fraction, rank_loads)
@@ -162,14 +163,21 @@ def _affinity(inp: BuildInputs, solver: str = "auto", time_limit: float = 60.0,
     elif solver == "exact" and model_size(problem) > EXACT_HARD_LIMIT:
         raise ConfigError("solver", solver, f"the MILP would have {model_size(problem):,} columns "
                           f"(limit {EXACT_HARD_LIMIT:,})", "use solver='heuristic' (or 'auto') for this size")
+    fallbacks: list[str] = []  # why `auto` kept the heuristic's plan, one entry per failed exact solve
 
     def solve(sub: AffinityProblem) -> SolveResult:
         heuristic = solve_heuristic(sub, max_sweeps=max_sweeps, restarts=restarts, time_limit=time_limit,
                                     seed=seed, progress=progress)
         if chosen == "heuristic":
             return heuristic
-        return solve_exact(sub, time_limit=time_limit, mip_rel_gap=mip_rel_gap, start=heuristic.presence,
-                           seed=seed)
+        try:
+            return solve_exact(sub, time_limit=time_limit, mip_rel_gap=mip_rel_gap, start=heuristic.presence,
+                               seed=seed)
+        except SolverError as error:
+            if solver != "auto":
+                raise
+            fallbacks.append(str(error))
+            return heuristic
 
     if hierarchical:
         result = solve_hierarchical(problem, inp.num_nodes, inp.num_redundant, solve)
@@ -178,6 +186,8 @@ def _affinity(inp: BuildInputs, solver: str = "auto", time_limit: float = 60.0,
     params = {"solver": chosen, "time_limit": float(time_limit), "coactivation_weight": float(coactivation_weight),
               "hierarchical": hierarchical, "restarts": int(restarts), "max_sweeps": int(max_sweeps),
               "seed": int(seed), "solver_status": result.status}
+    if fallbacks:
+        params["solver_fallback"] = "exact solver failed, heuristic plan kept: " + "; ".join(fallbacks)
     objectives = {"affinity_score": result.score}
     if result.score_bound is not None:
         objectives.update(affinity_score_bound=result.score_bound, mip_gap=result.gap)

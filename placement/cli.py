@@ -132,6 +132,8 @@ def _build(args: argparse.Namespace, data: _Data) -> int:
         print(f"solver: {plan.params['solver']}, status {plan.params['solver_status']}"
               + ("" if gap is None else f", proven gap {100 * gap:.4f}% (score "
                  f"{plan.objectives['affinity_score']:.6g} <= bound {plan.objectives['affinity_score_bound']:.6g})"))
+        if "solver_fallback" in plan.params:
+            print(f"solver: {plan.params['solver_fallback']}")
     name = args.policy + (f"+{args.redundant}r" if args.redundant else "")
     plans = _baselines(args.ranks, args.nodes, stats) + [(name, plan, elapsed)]
     _print_tables(plans, data, _batch_sizes(args))

@@ -34,6 +34,7 @@ import numpy as np
 
 from placement.affinity import AffinityProblem, SolveResult, load_lower_bound, score
 from placement.errors import LoadCapInfeasible, SolverError
+from placement.highs import new_solver, run
 
 
 @dataclass
@@ -182,18 +183,14 @@ def solve_exact(problem: AffinityProblem, *, time_limit: float = 60.0, mip_rel_g
     """
     t0 = time.perf_counter()
     lp, model = build_model(problem)
-    highs = highspy.Highs()
-    for name, value in (("output_flag", False), ("time_limit", float(time_limit)),
-                        ("mip_rel_gap", float(mip_rel_gap)), ("random_seed", int(seed)), ("threads", 1)):
-        highs.setOptionValue(name, value)
+    highs = new_solver(time_limit=float(time_limit), mip_rel_gap=float(mip_rel_gap), random_seed=int(seed))
     highs.passModel(lp)
     if start is not None:
         solution = highspy.HighsSolution()
         solution.col_value = _start_values(model, start).tolist()
         solution.value_valid = True
         highs.setSolution(solution)
-    highs.run()
-    status = highs.getModelStatus()
+    status = run(highs, "HiGHS (MILP)")
     info = highs.getInfo()
     if status == highspy.HighsModelStatus.kInfeasible:
         bound = load_lower_bound(problem.loads, problem.logcnt, problem.capacity)
@@ -205,11 +202,12 @@ def solve_exact(problem: AffinityProblem, *, time_limit: float = 60.0, mip_rel_g
     if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit) or \
             len(values) < model.num_x or not np.isfinite(info.objective_function_value):
         raise SolverError("HiGHS (MILP)", highs.modelStatusToString(status),
-                          f"no integer solution within {time_limit} s; use the heuristic")
+                          f"no integer solution (time limit {time_limit} s); use the heuristic")
     presence = np.round(values[: model.num_x]).reshape(problem.num_layers, problem.num_experts,
                                                        problem.num_ranks)
     name = "optimal" if status == highspy.HighsModelStatus.kOptimal else "time_limit"
-    return SolveResult(presence, "exact", name, score(problem, presence), float(info.mip_dual_bound),
+    bound = float(info.mip_dual_bound)  # infinite when the limit came before any bound was proven
+    return SolveResult(presence, "exact", name, score(problem, presence), bound if np.isfinite(bound) else None,
                        time.perf_counter() - t0)
 
 

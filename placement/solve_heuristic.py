@@ -34,6 +34,7 @@ from tqdm import tqdm
 from placement.affinity import (AffinityProblem, SolveResult, inter_gain, layer_score, load_lower_bound,
                                 overload, rank_load, score)
 from placement.errors import LoadCapInfeasible, SolverError
+from placement.highs import new_solver, run
 from placement.metrics import imbalance_of
 from placement.replicate import balanced_packing
 
@@ -65,9 +66,7 @@ class _Transport:
         lp.a_matrix_.index_ = np.stack([cols // num_ranks, num_experts + cols % num_ranks], 1).ravel().astype(np.int32)
         lp.a_matrix_.value_ = np.ones(2 * n)
         lp.sense_ = highspy.ObjSense.kMaximize
-        self.highs = highspy.Highs()
-        self.highs.setOptionValue("output_flag", False)
-        self.highs.setOptionValue("solver", "simplex")
+        self.highs = new_solver(solver="simplex")
         self.highs.passModel(lp)
         self.cols = cols.astype(np.int32)
         self.rows = np.arange(m, dtype=np.int32)
@@ -78,8 +77,7 @@ class _Transport:
         scale = max(float(np.abs(gain).max()), 1e-300)
         self.highs.changeColsCost(len(self.cols), self.cols, (gain / scale).ravel())
         self.highs.changeRowsBounds(len(self.rows), self.rows, bounds, bounds)
-        self.highs.run()
-        status = self.highs.getModelStatus()
+        status = run(self.highs, "HiGHS (transport LP)")
         if status != highspy.HighsModelStatus.kOptimal:
             raise SolverError("HiGHS (transport LP)", self.highs.modelStatusToString(status))
         x = np.asarray(self.highs.getSolution().col_value).reshape(self.shape)

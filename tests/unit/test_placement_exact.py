@@ -15,6 +15,10 @@ on 150 random instances of the same distribution: optimal on 99% of them, worst 
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +172,61 @@ def test_exact_equals_brute_force_at_eight_experts_four_ranks():
     result = solve_exact(problem, time_limit=100)
     assert result.status == "optimal"
     assert result.score == pytest.approx(brute_force_optimum(problem), rel=1e-6)
+
+
+# HiGHS keeps one thread scheduler per process (highspy >= 1.16 refuses a solve that asks
+# for another thread count), so these run in a fresh interpreter where the order of the
+# solves is the one written.
+_SOLVE_AFTER = """
+import sys, json
+import numpy as np
+sys.path.insert(0, {root!r})
+from placement.plan import build_plan
+from placement.trace import trace_from_array
+rng = np.random.default_rng(0)
+trace = trace_from_array(rng.integers(0, 6, size=(400, 3, 1)), num_experts=6)
+if {foreign_threads}:
+    # Between the heuristic and the MILP, another user of HiGHS in this process makes the
+    # scheduler anew with 2 threads: the real MILP then fails as highspy 1.16 does.
+    import highspy
+    import placement.build as build
+    real_exact = build.solve_exact
+
+    def exact_after_a_foreign_solve(*args, **kwargs):
+        other = highspy.Highs(); other.resetThreadScheduler(True)
+        other.setOptionValue("output_flag", False); other.setOptionValue("threads", 2)
+        other.passModel(highspy.HighsLp()); other.run()
+        return real_exact(*args, **kwargs)
+
+    build.solve_exact = exact_after_a_foreign_solve
+plan = build_plan("affinity", num_layers=3, num_experts=6, num_ranks=2, trace=trace, solver={solver!r},
+                  time_limit=5.0)
+print(json.dumps(plan.params))
+"""
+
+
+def _params_after(solver: str, foreign_threads: bool):
+    code = _SOLVE_AFTER.format(root=str(Path(__file__).resolve().parents[2]), solver=solver,
+                               foreign_threads=foreign_threads)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "", done.stderr
+
+
+def test_exact_after_the_heuristic_in_one_process_is_optimal():
+    """The heuristic's LP runs first (it seeds the MILP): both must share HiGHS's scheduler."""
+    code, out, err = _params_after("exact", foreign_threads=False)
+    assert code == 0, err
+    params = json.loads(out)
+    assert params["solver"] == "exact" and params["solver_status"] == "optimal"
+    assert "solver_fallback" not in params
+
+
+def test_auto_falls_back_to_the_heuristic_and_says_why():
+    """A scheduler made by another HiGHS user with 2 threads makes HiGHS refuse the MILP:
+    ``auto`` keeps the heuristic's plan and records HiGHS's real status; ``exact`` raises it."""
+    code, out, err = _params_after("auto", foreign_threads=True)
+    assert code == 0, err
+    params = json.loads(out)
+    assert "Not Set" in params["solver_fallback"] and "kError" in params["solver_fallback"]
+    code, _, err = _params_after("exact", foreign_threads=True)
+    assert code != 0 and "SolverError" in err and "'Not Set'" in err and "kError" in err
