@@ -36,7 +36,7 @@ from placement.plan import PlacementPlan, build_plan
 from placement.synthetic import skewed_markov_trace
 from placement.trace import RoutingTrace, load_trace, trace_from_array
 
-QWEN_LOADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen3-30b-a3b-loads" / "expert_loads.npy"
+QWEN_LOADS = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen3-30b-a3b-loads" / "expert_loads.npy"
 TINY_TRACE = Path(__file__).resolve().parents[1] / "models" / "tiny-moe" / "trace_val.npz"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BATCHES = (16, 64, 256)

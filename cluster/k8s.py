@@ -198,7 +198,7 @@ _BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
 
 # -- command line --------------------------------------------------------------------------
 
-DEFAULT_CRDS = CHART.parent.parent.parent.parent / "shared" / "data" / "kuberay-crds"
+DEFAULT_CRDS = CHART.parent.parent / "k8s" / "crds"  # package data: KubeRay's CRDs, see its README.md
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

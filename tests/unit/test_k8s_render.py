@@ -17,12 +17,10 @@ from cluster import k8s
 from cluster.config import DeploymentConfigError
 from cluster.k8s_validate import crd_errors, manifest_errors, serve_config_errors
 from placement.plan import build_plan
+from tests.paths import CRDS
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "data" / "kuberay-crds"
 TINY = ROOT / "deploy" / "configs" / "tiny.yaml"
-
-pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRDs not found at {CRDS}")
 
 
 def by_kind(objects: list[dict]) -> dict[str, dict]:

@@ -129,14 +129,10 @@ def test_more_ranks_than_slots_and_unknown_options_are_config_errors():
 def test_heuristic_solves_qwen_sized_instance_in_time():
     """128 experts x 48 layers x 16 ranks, top-8, load cap 1.05 + 32 replicas: < 30 s of
     CPU time (the target is wall time on 2 cores; CPU time does not depend on other load)."""
-    from pathlib import Path
-
     from placement.synthetic import skewed_markov_trace
+    from tests.paths import QWEN_LOADS
 
-    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "qwen3-30b-a3b-loads" / "expert_loads.npy"
-    if not path.exists():
-        pytest.skip("Qwen3 loads not available")
-    stats = skewed_markov_trace(np.load(path).astype(float), 4000, 8, 0.3, seed=1).stats()
+    stats = skewed_markov_trace(np.load(QWEN_LOADS).astype(float), 4000, 8, 0.3, seed=1).stats()
     start = time.process_time()
     plan = build_plan("affinity", num_layers=48, num_experts=128, num_ranks=16, trace=stats, num_redundant=32,
                       load_cap=1.05, solver="heuristic")

@@ -15,12 +15,10 @@ from placement.metrics import imbalance_of, rank_loads
 from placement.plan import build_plan
 from placement.replicate import balanced_packing, rebalance_experts, replicate_experts
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the repository
-EXAMPLE = SHARED_DATA / "eplb_example.json"
-QWEN_LOADS = SHARED_DATA / "qwen3-30b-a3b-loads" / "expert_loads.npy"
+from tests.paths import EPLB_EXAMPLE as EXAMPLE
+from tests.paths import QWEN_LOADS
 
 
-@pytest.mark.skipif(not EXAMPLE.exists(), reason="shared EPLB example not available")
 def test_reproduces_deepseek_worked_example():
     ex = json.loads(EXAMPLE.read_text())
     result = rebalance_experts(np.array(ex["weight"]), ex["num_replicas"], ex["num_groups"], ex["num_nodes"],
@@ -93,7 +91,6 @@ def test_eplb_slot_count_errors_name_the_numbers():
     assert info.value.field == "num_replicas"
 
 
-@pytest.mark.skipif(not QWEN_LOADS.exists(), reason="Qwen3 loads not available")
 @pytest.mark.parametrize("ranks,redundant", [(8, 32), (16, 32)])
 def test_eplb_balances_qwen3_loads(ranks, redundant):
     loads = np.load(QWEN_LOADS).astype(float)
