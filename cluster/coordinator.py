@@ -211,6 +211,8 @@ class Deployment(Recovering, Engine):
             return self._execute_coherent(step)
         refs = [self.frontend.step.remote(step)] + [w.step.remote(step.step_id) for w in self.workers]
         out, *worker_stats = self._wait(refs)
+        out.stats.layers = [functools.reduce(LayerTraffic.add, per_rank)  # the front-end's first: its routing
+                            for per_rank in zip(out.stats.layers, *(w.layers for w in worker_stats), strict=True)]
         expert_seconds = max((w.expert_seconds for w in worker_stats), default=0.0)
         out.stats.seconds["experts"] = expert_seconds
         out.stats.seconds["combine"] = max(0.0, out.stats.seconds["combine"] - expert_seconds)

@@ -56,24 +56,26 @@ class CoherentRank(RankActor):
 
     def join(self, backend: str, address: str, rank: int, world_size: int, timeout_s: float) -> int:
         super().join(backend, address, rank, world_size, timeout_s)
-        self.cache = CoherentKVCache(cache_shapes(self.config), self.max_seqs, self.dtype, self.device, self.group)
-        self.moe = CoherentMoE(self.maps, self.stacks, self.group, rank, self.config.top_k)
+        self.cache = CoherentKVCache(cache_shapes(self.config), self.max_seqs, self.dtype, self.device,
+                                     self.collectives)
+        self.moe = CoherentMoE(self.maps, self.stacks, self.collectives, rank, self.config.top_k)
         return rank
 
     @torch.inference_mode()
     def set_maps(self, maps: list[LayerMap]) -> MoveStats:
         """Take up a new plan: expert weights move between the ranks (``workers/replan.py``)."""
         shape = (self.config.hidden_size, self.config.moe_intermediate_size)
-        self.stacks, stats = move_experts(self.stacks, self.maps, maps, self.rank_index, 0, self.group, shape,
+        self.stacks, stats = move_experts(self.stacks, self.maps, maps, self.rank_index, 0, self.collectives, shape,
                                           self.dtype, self.device)
         self.maps = [m.to(self.device) for m in maps]
-        self.moe = CoherentMoE(self.maps, self.stacks, self.group, self.rank_index, self.config.top_k)
+        self.moe = CoherentMoE(self.maps, self.stacks, self.collectives, self.rank_index, self.config.top_k)
         return stats
 
     @torch.inference_mode()
     def step(self, step: StepInput) -> CoherentOutput:
         """One forward pass over the whole step. All ranks must run it together."""
         started = time.perf_counter()
+        before = self.collectives.snapshot()
         tokens, slots, positions, seq_of = self._flatten(step)
         self.cache.reserve(int(positions.max()) + 1)
         self.cache.begin_step(eager=any(len(s.tokens) > 1 for s in step.seqs))
@@ -97,8 +99,9 @@ class CoherentRank(RankActor):
         self.cache.flush()
         finished = time.perf_counter()
         out = self._sample(step, hosted, seq_of)
-        out.layers, out.coherence_bytes = layers, self.cache.sent_bytes
-        out.coherence_collectives = self.cache.collectives
+        moved = self.collectives.snapshot() - before
+        out.layers = layers
+        out.coherence_bytes, out.coherence_collectives = moved.bytes["kv_coherence"], moved.calls["kv_coherence"]
         out.seconds = {"attention": finished - started - moe_seconds - (finished - coherence_started),
                        "dispatch": moe_seconds, "coherence": finished - coherence_started}
         return out

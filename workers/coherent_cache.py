@@ -25,28 +25,25 @@ plus 8 bytes of row count per rank and exchange.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from workers.collectives import Collectives
 from workers.dispatch import pack_parts, unpack_parts
 from workers.model.kv_cache import KVCache
 
 
 class CoherentKVCache(KVCache):
-    def __init__(self, shapes, num_slots: int, dtype: torch.dtype, device, group):
+    def __init__(self, shapes, num_slots: int, dtype: torch.dtype, device, collectives: Collectives):
         super().__init__(shapes, num_slots, dtype, device)
-        self.group = group
+        self.collectives = collectives  # purpose "kv_coherence": the row counts and the rows
         self.k_width = int(torch.tensor(shapes[0][0]).prod())
         self.v_width = int(torch.tensor(shapes[0][1]).prod())
         self.eager = True
         self.replicated = False  # every rank computes the same rows: nothing to exchange
         self._pending: list[torch.Tensor] = []
-        self.sent_bytes = 0  # bytes this rank sent for coherence since the last reset
-        self.collectives = 0
 
     def begin_step(self, eager: bool) -> None:
         """``eager``: exchange at every layer (the step has multi-token sequences)."""
         self.eager, self._pending = eager, []
-        self.sent_bytes = self.collectives = 0
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:
@@ -73,16 +70,11 @@ class CoherentKVCache(KVCache):
     def _exchange(self, rows: torch.Tensor) -> None:
         """Send this rank's rows to every other rank and store theirs: one all-gather of
         row counts, then one ``all_to_all_single`` with exact splits (no padding)."""
-        world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
-        count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=self.device)
-        counts = [torch.empty_like(count) for _ in range(world)]
-        dist.all_gather(counts, count, group=self.group)
-        recv_splits = [0 if r == me else int(c) for r, c in enumerate(counts)]
+        world, me = self.collectives.world, self.collectives.rank
+        counts = self.collectives.gather_counts("kv_coherence", rows.shape[0], self.device)
+        recv_splits = [0 if r == me else c for r, c in enumerate(counts)]
         send_splits = [0 if r == me else rows.shape[0] for r in range(world)]
-        recv = rows.new_empty(sum(recv_splits), rows.shape[1])
-        dist.all_to_all_single(recv, rows.repeat(world - 1, 1), recv_splits, send_splits, group=self.group)
-        self.collectives += 2
-        self.sent_bytes += (world - 1) * (8 + rows.numel())
+        recv = self.collectives.all_to_all("kv_coherence", rows.repeat(world - 1, 1), send_splits, recv_splits)
         if len(recv):
             self._store(recv)
 

@@ -34,9 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from workers.collectives import Collectives
 from workers.dispatch import pack_parts, unpack_parts, weighted_experts
 from workers.expert_map import LayerMap
 from workers.model.experts import ExpertStack
@@ -64,13 +64,15 @@ class CoherentMoE:
     """The MoE layers of one rank; ``__call__`` runs one layer. All ranks must call it for
     every MoE layer, in order."""
 
-    def __init__(self, maps: list[LayerMap], stacks: list[ExpertStack], group, rank: int, top_k: int):
-        self.maps, self.stacks, self.group, self.rank, self.top_k = maps, stacks, group, rank, top_k
+    def __init__(self, maps: list[LayerMap], stacks: list[ExpertStack], collectives: Collectives, rank: int,
+                 top_k: int):
+        self.maps, self.stacks, self.collectives, self.rank, self.top_k = maps, stacks, collectives, rank, top_k
 
     def __call__(self, moe_index: int, layer, hosted: Hosted, replicated: bool = False) -> tuple[Hosted, LayerTraffic]:
         """One MoE layer; ``replicated``: every rank hosts every token (the step's first MoE layer)."""
         lm, block, norm = self.maps[moe_index], layer.mlp, layer.post_attention_layernorm
         ranks, me, h = lm.num_ranks, self.rank, hosted.h
+        before = self.collectives.snapshot()
         # Step 1-2: where every pair runs, and each token's next home.
         routing = block.route(norm(h))
         slot = lm.log2phy[routing.topk_ids, hosted.tokens[:, None] % lm.logcnt[routing.topk_ids]]
@@ -90,9 +92,11 @@ class CoherentMoE:
                           .to(torch.int32), routing.topk_weights[token_row].float(),
                           torch.stack([hosted.tokens[token_row], home[token_row], mask[token_row]], 1))
         if replicated:
-            recv, metadata_bytes = send, 0
+            recv = send
         else:
-            recv, metadata_bytes = self._dispatch(send, torch.bincount(dest, minlength=ranks).tolist())
+            send_splits = torch.bincount(dest, minlength=ranks).tolist()
+            recv_splits = self.collectives.exchange_counts("metadata", send_splits, h.device)
+            recv = self.collectives.all_to_all("dispatch", send, send_splits, recv_splits)
         h_in, ids_in, w_in, meta_in = unpack_parts(recv, [(h.dtype, h.shape[1]), (torch.int32, self.top_k),
                                                           (torch.float32, self.top_k), (torch.int64, 3)])
         # Step 4: every pair on this rank, for hosted and arrived tokens alike.
@@ -105,42 +109,24 @@ class CoherentMoE:
                                           torch.cat([routing.topk_weights.float(), w_in]), self.stacks[moe_index])
         # Step 5: partials computed away from their token's home go there (top-k > 1).
         keep = rows_home == me
-        merge_bytes, merged_token, merged = 0, rows_token[:0], partial[:0]
+        merged_token, merged = rows_token[:0], partial[:0]
         if self.top_k > 1:
             away = ~keep & (torch.cat([local_ids, ids_in.long()]) >= 0).any(1)
             order = torch.argsort(rows_home[away], stable=True)
             out = pack_parts(partial[away][order], rows_token[away][order, None])
             send_splits = torch.bincount(rows_home[away], minlength=ranks).tolist()
             bits = (rows_mask[keep, None] >> torch.arange(ranks, device=h.device)) & 1  # who sends partials here
-            back = self._all_to_all(out, send_splits, bits.sum(0).tolist())
+            back = self.collectives.all_to_all("merge", out, send_splits, bits.sum(0).tolist())
             merged, merged_token = unpack_parts(back, [(h.dtype, h.shape[1]), (torch.int64, 1)])
-            merge_bytes = out.numel()
         # Step 6: the tokens hosted from now on, with residual + experts + shared experts.
         tokens, order = torch.sort(rows_token[keep])
         residual, y = rows_h[keep][order], partial[keep][order]
         y.index_add_(0, torch.searchsorted(tokens, merged_token.reshape(-1)), merged)
         shared = block.shared(norm(residual))
         new = Hosted(tokens, residual + (y if shared is None else y + shared))
-        stats = LayerTraffic(
-            pairs_per_rank=[pairs if r == me else 0 for r in range(ranks)],
-            rows_per_rank=[len(recv) if r == me else 0 for r in range(ranks)],
-            dispatch_bytes=send.numel(), combine_bytes=0, merge_bytes=merge_bytes,
-            metadata_bytes=metadata_bytes,
-            token_collectives=(not replicated) + (self.top_k > 1), metadata_collectives=int(not replicated),
-            hosted_tokens=int((home == me).sum()) if replicated else len(home),
-            stayed_tokens=int((home == me).sum()),
-        )
+        stats = LayerTraffic.of([pairs if r == me else 0 for r in range(ranks)],
+                                [len(recv) if r == me else 0 for r in range(ranks)],
+                                self.collectives.snapshot() - before,
+                                hosted_tokens=int((home == me).sum()) if replicated else len(home),
+                                stayed_tokens=int((home == me).sum()))
         return new, stats
-
-    def _dispatch(self, send: torch.Tensor, send_splits: list[int]) -> tuple[torch.Tensor, int]:
-        """Metadata all-to-all (split sizes), then the dispatch all-to-all. All ranks must call this."""
-        counts = torch.tensor(send_splits, dtype=torch.int64, device=send.device)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
-        ranks = len(send_splits)
-        return self._all_to_all(send, send_splits, recv_counts.tolist()), (ranks - 1) * 8
-
-    def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
-        recv = send.new_empty(sum(recv_splits), send.shape[1])
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
-        return recv

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from workers.collectives import Collectives
 from workers.expert_map import LayerMap
 from workers.model.experts import ExpertStack
 
@@ -105,32 +105,26 @@ def pack(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, la
     return Packed(encode_rows(x[row_token], local_ids, weights), splits, row_token, pairs_per_rank)
 
 
-def exchange_dispatch(send: torch.Tensor, send_splits: list[int], group) -> tuple[torch.Tensor, list[int]]:
-    """Dispatch communicate. All ranks of ``group`` must call this, in the same order.
+def exchange_dispatch(send: torch.Tensor, send_splits: list[int],
+                      collectives: Collectives) -> tuple[torch.Tensor, list[int]]:
+    """Dispatch communicate. All ranks of the group must call this, in the same order.
 
     One metadata ``all_to_all_single`` (W int64 split sizes) then one token-carrying
     ``all_to_all_single`` with variable splits. Returns the received rows and, per
     source rank, how many.
     """
-    world = dist.get_world_size(group)
-    counts = torch.tensor(send_splits, dtype=torch.int64, device=send.device)
-    recv_counts = torch.empty(world, dtype=torch.int64, device=send.device)
-    dist.all_to_all_single(recv_counts, counts, group=group)
-    recv_splits = recv_counts.tolist()
-    recv = send.new_empty(sum(recv_splits), send.shape[1])
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
-    return recv, recv_splits
+    recv_splits = collectives.exchange_counts("metadata", send_splits, send.device)
+    return collectives.all_to_all("dispatch", send, send_splits, recv_splits), recv_splits
 
 
-def exchange_combine(results: torch.Tensor, recv_splits: list[int], send_splits: list[int], group) -> torch.Tensor:
-    """Combine communicate. All ranks of ``group`` must call this, in the same order.
+def exchange_combine(results: torch.Tensor, recv_splits: list[int], send_splits: list[int],
+                     collectives: Collectives) -> torch.Tensor:
+    """Combine communicate. All ranks of the group must call this, in the same order.
 
     Every rank returns its results to the ranks the rows came from (split sizes are
     the dispatch's, reversed, so no metadata is needed): one ``all_to_all_single``.
     """
-    back = results.new_empty(sum(send_splits), results.shape[1])
-    dist.all_to_all_single(back, results.contiguous(), send_splits, recv_splits, group=group)
-    return back
+    return collectives.all_to_all("combine", results, recv_splits, send_splits)
 
 
 def weighted_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stack: ExpertStack) -> tuple[torch.Tensor, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
 from workers.dispatch import exchange_combine, exchange_dispatch, row_bytes, run_experts
 from workers.expert_map import LayerMap
@@ -16,6 +15,7 @@ from workers.model.checkpoint import Checkpoint
 from workers.model.experts import ExpertStack
 from workers.rank import RankActor
 from workers.replan import MoveStats, move_experts
+from workers.stats import LayerTraffic
 from workers.step import WorkerStepStats
 
 
@@ -70,7 +70,7 @@ class ExpertWorker(RankActor):
     def set_maps(self, maps: list[LayerMap]) -> MoveStats:
         """Take up a new plan: expert weights move over the process group (``workers/replan.py``)."""
         self.stacks, stats = move_experts(self.stacks, self.maps, maps, self.expert_rank, self.rank - self.expert_rank,
-                                          self.group, (self.hidden, self.inter), self.dtype, self.device)
+                                          self.collectives, (self.hidden, self.inter), self.dtype, self.device)
         self.maps = maps
         return stats
 
@@ -79,14 +79,17 @@ class ExpertWorker(RankActor):
         """Serve every MoE layer of one step. All ranks must call their step together:
         per layer, dispatch (metadata + tokens) then combine, in layer order."""
         stats = WorkerStepStats()
-        world = dist.get_world_size(self.group)
+        world, ranks = self.collectives.world, self.maps[0].num_ranks
         nothing = torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device)  # expert ranks send no tokens
         for stack in self.stacks:
-            recv, recv_splits = exchange_dispatch(nothing, [0] * world, self.group)
+            before = self.collectives.snapshot()
+            recv, recv_splits = exchange_dispatch(nothing, [0] * world, self.collectives)
             started = time.perf_counter()
             out, pairs = run_experts(recv, stack, self.hidden, self.top_k, self.dtype)
             stats.expert_seconds += time.perf_counter() - started
             stats.pairs.append(pairs)
-            exchange_combine(out, recv_splits, [0] * world, self.group)
+            exchange_combine(out, recv_splits, [0] * world, self.collectives)
+            # bytes only: the front-end's part of the layer has the routing counts
+            stats.layers.append(LayerTraffic.of([0] * ranks, [0] * ranks, self.collectives.snapshot() - before))
         return stats
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
+from workers.collectives import Collectives
 from workers.dispatch import exchange_combine, exchange_dispatch, pack, unpack_combine
 from workers.expert_map import LayerMap
 from workers.model.checkpoint import load_model
@@ -30,31 +30,26 @@ class DispatchingExperts:
     in layer order; every expert rank runs the same sequence in ``ExpertWorker.step``.
     """
 
-    def __init__(self, maps: list[LayerMap], group, expert_base: int, dtype: torch.dtype):
-        self.maps, self.group, self.expert_base, self.dtype = maps, group, expert_base, dtype
-        self.world = dist.get_world_size(group)
-        self.layers: list[LayerTraffic] = []
+    def __init__(self, maps: list[LayerMap], collectives: Collectives, expert_base: int, dtype: torch.dtype):
+        self.maps, self.collectives, self.expert_base, self.dtype = maps, collectives, expert_base, dtype
+        self.world = collectives.world
+        self.layers: list[LayerTraffic] = []  # the front-end's part; the expert ranks report theirs
         self.seconds = {"dispatch": 0.0, "combine_wait": 0.0}
 
     def __call__(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         started = time.perf_counter()
+        before = self.collectives.snapshot()
         packed = pack(x, routing.topk_ids, routing.topk_weights, self.maps[moe_index], self.world, self.expert_base)
-        recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, self.group)
+        recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, self.collectives)
         dispatched = time.perf_counter()
-        back = exchange_combine(x.new_empty(0, x.shape[1]), recv_splits, packed.splits, self.group)
+        back = exchange_combine(x.new_empty(0, x.shape[1]), recv_splits, packed.splits, self.collectives)
         out = unpack_combine(back, packed.row_token, x.shape[0])
         self.seconds["dispatch"] += dispatched - started
         self.seconds["combine_wait"] += time.perf_counter() - dispatched
-        rows = sum(packed.splits)
-        self.layers.append(LayerTraffic(
-            pairs_per_rank=packed.pairs_per_rank,
-            rows_per_rank=packed.splits[self.expert_base:self.expert_base + self.maps[moe_index].num_ranks],
-            dispatch_bytes=rows * packed.rows.shape[1],
-            combine_bytes=rows * x.shape[1] * x.element_size(),
-            metadata_bytes=self.world * (self.world - 1) * 8,
-            token_collectives=2,
-            metadata_collectives=1,
-        ))
+        ranks = self.maps[moe_index].num_ranks
+        self.layers.append(LayerTraffic.of(packed.pairs_per_rank,
+                                           packed.splits[self.expert_base:self.expert_base + ranks],
+                                           self.collectives.snapshot() - before))
         return out
 
 
@@ -87,15 +82,15 @@ class FrontEnd(RankActor):
     def set_maps(self, maps: list[LayerMap]) -> MoveStats:
         """Take part in a plan change (the front-end holds no experts: it sends and
         receives nothing) and dispatch by the new plan from the next step on."""
-        _, stats = move_experts(None, self.maps, maps, None, self.expert_base, self.group, self.expert_shape,
-                                self.dtype, self.device)
+        _, stats = move_experts(None, self.maps, maps, None, self.expert_base, self.collectives,
+                                self.expert_shape, self.dtype, self.device)
         self.maps = [m.to(self.device) for m in maps]
         return stats
 
     def step(self, step: StepInput) -> StepOutput:
         """One forward pass + sampling. The expert ranks must run ``step`` at the same time."""
         started = time.perf_counter()
-        experts = DispatchingExperts(self.maps, self.group, self.expert_base, self.dtype)
+        experts = DispatchingExperts(self.maps, self.collectives, self.expert_base, self.dtype)
         tokens, logits, num_tokens = self.runner.run(step, experts)
         waited = experts.seconds["dispatch"] + experts.seconds["combine_wait"]
         stats = StepStats(num_tokens, len(step.seqs), experts.layers)

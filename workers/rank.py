@@ -8,6 +8,7 @@ import os
 import torch
 
 from cluster.process_group import destroy_group, free_port, init_group, node_ip
+from workers.collectives import Collectives
 
 
 class RankActor:
@@ -15,6 +16,7 @@ class RankActor:
 
     def __init__(self, threads: int):
         self.group = None
+        self.collectives: Collectives | None = None  # the counted collectives over ``group``
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -30,9 +32,10 @@ class RankActor:
     def join(self, backend: str, address: str, rank: int, world_size: int, timeout_s: float) -> int:
         """Join the process group. All actors of the deployment must call this together."""
         self.group = init_group(backend, address, rank, world_size, timeout_s)
+        self.collectives = Collectives(self.group)
         self.rank = rank
         return rank
 
     def leave(self) -> None:
         destroy_group()
-        self.group = None
+        self.group = self.collectives = None

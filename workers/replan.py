@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from workers.collectives import Collectives
 from workers.expert_map import LayerMap
 from workers.model.experts import ExpertStack
 
@@ -53,18 +53,18 @@ def plan_moves(old: LayerMap, new: LayerMap) -> tuple[tuple[int, ...], ...]:
 @dataclass
 class MoveStats:
     experts_sent: int = 0  # expert copies this actor sent
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # counted by the collectives (purpose "replan")
     collectives: int = 0
 
 
-def move_layer(stack: ExpertStack | None, old: LayerMap, new: LayerMap, me: int | None, base: int, group,
-               shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+def move_layer(stack: ExpertStack | None, old: LayerMap, new: LayerMap, me: int | None, base: int,
+               collectives: Collectives, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
                stats: MoveStats) -> ExpertStack | None:
     """This actor's part of one layer's move; its new stack (None for an actor holding
     no experts, ``me=None``). Expert rank r is process-group rank ``base + r``.
-    ``shape`` = (D, I)."""
+    ``shape`` = (D, I). All actors of the group must call this together."""
     sources = plan_moves(old, new)
-    world = dist.get_world_size(group)
+    world = collectives.world
     hidden, inter = shape
     per = 3 * inter * hidden
     send_parts, send_counts, recv_counts = [], [0] * world, [0] * world
@@ -80,12 +80,8 @@ def move_layer(stack: ExpertStack | None, old: LayerMap, new: LayerMap, me: int 
             if src != me:
                 recv_counts[base + src] += 1
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
-    recv = torch.empty(sum(recv_counts) * per, dtype=dtype, device=device)
-    dist.all_to_all_single(recv, send.contiguous(), [c * per for c in recv_counts],
-                           [c * per for c in send_counts], group=group)
+    recv = collectives.all_to_all("replan", send, [c * per for c in send_counts], [c * per for c in recv_counts])
     stats.experts_sent += sum(send_counts)
-    stats.bytes_sent += send.numel() * send.element_size()
-    stats.collectives += 1
     if me is None:
         return None
     offsets = {src: sum(recv_counts[:base + src]) for src in set(sources[me])}
@@ -106,10 +102,13 @@ def move_layer(stack: ExpertStack | None, old: LayerMap, new: LayerMap, me: int 
 
 
 def move_experts(stacks: list[ExpertStack] | None, old: list[LayerMap], new: list[LayerMap], me: int | None,
-                 base: int, group, shape: tuple[int, int], dtype: torch.dtype,
+                 base: int, collectives: Collectives, shape: tuple[int, int], dtype: torch.dtype,
                  device: torch.device) -> tuple[list[ExpertStack] | None, MoveStats]:
     """Every MoE layer's move, in layer order (all actors must call this together)."""
     stats = MoveStats()
-    moved = [move_layer(stacks[i] if stacks is not None else None, o, n, me, base, group, shape, dtype, device,
-                        stats) for i, (o, n) in enumerate(zip(old, new))]
+    before = collectives.snapshot()
+    moved = [move_layer(stacks[i] if stacks is not None else None, o, n, me, base, collectives, shape, dtype,
+                        device, stats) for i, (o, n) in enumerate(zip(old, new))]
+    moved_now = collectives.snapshot() - before
+    stats.bytes_sent, stats.collectives = moved_now.bytes["replan"], moved_now.calls["replan"]
     return (moved if me is not None else None), stats

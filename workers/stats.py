@@ -1,12 +1,15 @@
 """Runtime statistics: traffic per MoE layer and time per phase, per step and cumulative.
 
-Counts are exact (collectives issued, rows and bytes sent across ranks); times are wall
-clock seconds measured where the work happens.
+Counts are exact: collectives and bytes come from the tallies of ``workers/collectives.py``
+(counted at the call), rows and pairs from the routing; times are wall clock seconds
+measured where the work happens.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+from workers.collectives import Tally
 
 PHASES = ("attention", "dispatch", "experts", "combine", "coherence")
 
@@ -29,6 +32,15 @@ class LayerTraffic:
     merge_bytes: int = 0  # coherent, top-k > 1: partial outputs sent to the token's next home
     hosted_tokens: int = 0  # coherent: tokens routed at this layer
     stayed_tokens: int = 0  # coherent: of those, tokens whose next home is the rank they were on
+
+    @classmethod
+    def of(cls, pairs_per_rank: list[int], rows_per_rank: list[int], moved: Tally, **coherent) -> "LayerTraffic":
+        """One rank's view of a layer: its routing counts and what its collectives tallied
+        during the layer (``moved``); ``coherent``: ``hosted_tokens``, ``stayed_tokens``."""
+        return cls(pairs_per_rank, rows_per_rank, dispatch_bytes=moved.bytes["dispatch"],
+                   combine_bytes=moved.bytes["combine"], metadata_bytes=moved.bytes["metadata"],
+                   token_collectives=moved.calls["dispatch"] + moved.calls["combine"] + moved.calls["merge"],
+                   metadata_collectives=moved.calls["metadata"], merge_bytes=moved.bytes["merge"], **coherent)
 
     def add(self, other: "LayerTraffic") -> "LayerTraffic":
         """Element-wise sum (the ranks' parts of one layer, or steps); collective counts are

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.sampling import SamplingParams
-from workers.stats import StepStats
+from workers.stats import LayerTraffic, StepStats
 
 
 @dataclass(frozen=True)
@@ -43,3 +43,4 @@ class WorkerStepStats:
 
     expert_seconds: float = 0.0
     pairs: list[int] = field(default_factory=list)  # per MoE layer
+    layers: list[LayerTraffic] = field(default_factory=list)  # per MoE layer: what this rank's collectives sent

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.baselines.dist_probe import DistProbe
 from benchmarks.baselines.measure import PHASES, RunResult, drive, set_threads
 from workers.model.router import Routing
 
@@ -73,7 +74,7 @@ def available() -> str | None:
     """None when DeepSpeed is installed, else why not (checked without importing it: the
     import is slow and only the rank processes need it)."""
     if importlib.util.find_spec("deepspeed") is None:
-        return "deepspeed is not installed (pip install deepspeed==0.19.8; see benchmarks/RESULTS.md)"
+        return "deepspeed is not installed (`make setup` installs it from requirements.lock)"
     return None
 
 
@@ -156,15 +157,20 @@ class DeepSpeedExperts:
     """ExpertExecutor of one step: MoE layer i is DeepSpeed's layer i (its own gate; raymoe's
     routing of the same input is only compared with it)."""
 
-    def __init__(self, layers: list, timers: list[_MoETimer], num_experts: int):
-        self.layers, self.timers, self.num_experts = layers, timers, num_experts
+    def __init__(self, layers: list, timers: list[_MoETimer], num_experts: int, probe: DistProbe):
+        self.layers, self.timers, self.num_experts, self.probe = layers, timers, num_experts, probe
         self.seconds = dict.fromkeys(("dispatch", "experts", "combine"), 0.0)
         self.capacity: list[int] = []  # per MoE layer
         self.counts: list[list[int]] = []  # per MoE layer: this rank's (token, expert) pairs per expert
+        self.collectives: list[int] = []  # per MoE layer: torch.distributed calls DeepSpeed made (probe)
+        self.sent_bytes: list[int] = []  # per MoE layer: bytes this rank sent to other ranks (probe)
         self.mismatches = 0
 
     def __call__(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        calls, sent = sum(self.probe.calls.values()), sum(self.probe.bytes_sent.values())
         out, _, counts = self.layers[moe_index](x)
+        self.collectives.append(sum(self.probe.calls.values()) - calls)
+        self.sent_bytes.append(sum(self.probe.bytes_sent.values()) - sent)
         m = self.timers[moe_index].marks
         self.seconds["dispatch"] += m["experts_start"] - m["start"]
         self.seconds["experts"] += m["experts_end"] - m["experts_start"]
@@ -211,7 +217,9 @@ class DeepSpeedRank:
         self.layers = build_moe_layers(self.ckpt, self.model, self.rank, self.ranks)
         timers = [_MoETimer(moe) for moe in self.layers]
         experts = self.ckpt.config.num_experts
-        self.engine = ExecutorEngine(self.model, lambda: DeepSpeedExperts(self.layers, timers, experts), self.max_seqs)
+        probe = DistProbe.install()  # DeepSpeed's collectives, counted where torch.distributed is called
+        self.engine = ExecutorEngine(self.model, lambda: DeepSpeedExperts(self.layers, timers, experts, probe),
+                                     self.max_seqs)
         return self.rank
 
     @torch.inference_mode()
@@ -235,6 +243,8 @@ class DeepSpeedRank:
             "phases": {p: sum(e.seconds.get(p, 0.0) for e, _, _ in decode) for p in PHASES},
             "capacity": [e.capacity for e, _, _ in decode],  # [steps][L]
             "counts": [e.counts for e, _, _ in decode],  # [steps][L][E]
+            "collectives": [e.collectives for e, _, _ in decode],  # [steps][L]
+            "sent_bytes": [e.sent_bytes for e, _, _ in decode],  # [steps][L]
             "mismatches": sum(e.mismatches for e, _, _ in steps),
         }
 
@@ -253,15 +263,14 @@ class DeepSpeedRank:
         return seconds
 
 
-def merge_ranks(name: str, prompts: list[list[int]], per_rank: list[dict], hidden: int, num_experts: int,
-                dtype_bytes: int = 4) -> RunResult:
+def merge_ranks(name: str, prompts: list[list[int]], per_rank: list[dict], num_experts: int) -> RunResult:
     """The ranks' reports of one run -> one ``RunResult``. Rank r decoded prompts ``r::R``.
 
     A step lasts as long as its slowest rank (the collectives couple them). The time split
     is rank 0's: it holds the most sequences (``ceil(B / R)``), so it is the critical path
-    (a rank with fewer sequences spends the difference waiting inside the collectives). Bytes per MoE layer and step: each all-to-all moves the
-    ``[E, C, D]`` buffer's remote part, ``(R - 1) * E * C * D`` values over all ranks, twice;
-    the capacity ``all_reduce`` is counted as R * (R - 1) int64 (as raymoe's metadata).
+    (a rank with fewer sequences spends the difference waiting inside the collectives).
+    Collectives and bytes are what torch.distributed was asked to do (``DistProbe``): calls
+    per MoE layer (the same on every rank) and bytes every rank sent to the others.
     """
     ranks = len(per_rank)
     outputs = [per_rank[i % ranks]["outputs"][i // ranks] for i in range(len(prompts))]
@@ -271,10 +280,8 @@ def merge_ranks(name: str, prompts: list[list[int]], per_rank: list[dict], hidde
     phases = dict(first["phases"], attention=sum(first["step_seconds"][1:]) - sum(first["phases"].values()))
     capacity = per_rank[0]["capacity"]  # [steps][L], the same on every rank (all_reduce MAX)
     num_layers = len(capacity[0]) if capacity else 0
-    moved = 0
-    if ranks > 1:
-        moved = sum(2 * (ranks - 1) * num_experts * c * hidden * dtype_bytes + ranks * (ranks - 1) * 8
-                    for step in capacity for c in step)
+    moved = sum(b for r in per_rank for step in r["sent_bytes"] for b in step)
+    calls = [c for step in first["collectives"] for c in step]
     local = num_experts // ranks
     pairs = [[sum(r["counts"][s][layer][e] for r in per_rank for s in range(decode_steps)
                   for e in range(q * local, (q + 1) * local)) for q in range(ranks)] for layer in range(num_layers)]
@@ -283,7 +290,7 @@ def merge_ranks(name: str, prompts: list[list[int]], per_rank: list[dict], hidde
     prefill = sum(len(p) for p in prompts) / max(steps[0], 1e-9)
     return RunResult(name, len(prompts), ranks, prefill, decode_tokens / max(sum(steps[1:]), 1e-9), decode_steps,
                      phases, bytes_per_token=moved / max(decode_tokens, 1),
-                     collectives_per_layer=3.0 if ranks > 1 else 0.0, rank_pairs=pairs, outputs=outputs,
+                     collectives_per_layer=sum(calls) / max(len(calls), 1), rank_pairs=pairs, outputs=outputs,
                      extra={"expert_rows_computed": rows_computed, "expert_pairs": sum(map(sum, pairs)),
                             "mean_capacity": rows_computed / max(ranks * num_experts * decode_steps * num_layers, 1),
                             "routing_mismatches": sum(r["mismatches"] for r in per_rank)})
@@ -302,14 +309,14 @@ class DeepSpeedSystem:
         from workers.model.checkpoint import Checkpoint
 
         config = Checkpoint(model_path).config
-        self.ranks, self.hidden, self.num_experts = ranks, config.hidden_size, config.num_experts
+        self.ranks, self.num_experts = ranks, config.num_experts
         self.name = f"DeepSpeed-MoE EP {ranks}r"
         self.processes = ranks
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> RunResult:
         shares = [prompts[r::self.ranks] for r in range(self.ranks)]
         per_rank = ray.get([a.run.remote(share, new_tokens) for a, share in zip(self.actors, shares)])
-        return merge_ranks(self.name, prompts, per_rank, self.hidden, self.num_experts)
+        return merge_ranks(self.name, prompts, per_rank, self.num_experts)
 
     def pids(self) -> list[int]:
         return ray.get([a.pid.remote() for a in self.actors])

@@ -71,9 +71,10 @@ def test_deepspeed_router_semantics_are_checked():
             deepspeed_ep.check_router(bad)
 
 
-@pytest.mark.skipif(deepspeed_ep.available() is not None, reason=f"DeepSpeed: {deepspeed_ep.available()}")
 def test_deepspeed_ep_equals_reference(ray_session, mixtral, reference):
-    """2 ranks: 3 prompts split 2/1; then 1 prompt, so one rank joins the collectives with zero tokens."""
+    """2 ranks: 3 prompts split 2/1; then 1 prompt, so one rank joins the collectives with zero tokens.
+    DeepSpeed is part of the set-up (requirements.lock); without it this fails."""
+    assert deepspeed_ep.available() is None, deepspeed_ep.available()
     system = deepspeed_ep.DeepSpeedSystem(mixtral, ranks=2, max_seqs=4)
     try:
         row = system.run(PROMPTS, NEW_TOKENS)
@@ -84,5 +85,6 @@ def test_deepspeed_ep_equals_reference(ray_session, mixtral, reference):
     for r in (row, single):
         assert r.extra["routing_mismatches"] == 0  # DeepSpeed's gate chose raymoe's experts
         assert r.extra["expert_rows_computed"] >= r.extra["expert_pairs"]  # capacity padding
-        assert r.collectives_per_layer == 3.0  # capacity all_reduce + 2 all-to-all
+        # counted where DeepSpeed called torch.distributed: capacity all_reduce + 2 all-to-all
+        assert r.collectives_per_layer == 3.0 and r.bytes_per_token > 0
     assert sum(map(sum, row.rank_pairs)) == len(PROMPTS) * (NEW_TOKENS - 1) * TOP_K * LAYERS

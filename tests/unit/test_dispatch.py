@@ -115,10 +115,13 @@ def test_row_encoding_round_trips_bits(dtype):
 def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
     import torch.distributed as dist
 
+    from benchmarks.baselines.dist_probe import DistProbe
+    from workers.collectives import Collectives
     from workers.dispatch import exchange_combine, exchange_dispatch
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    group = dist.group.WORLD
+    group = Collectives(dist.group.WORLD)
+    probe = DistProbe.install()
     experts, top_k, hidden = 7, 2, 8
     plan = random_plan(experts, world - 1, 2, seed)
     layer_map = layer_maps(plan)[0]
@@ -140,6 +143,13 @@ def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
             recv, recv_splits = exchange_dispatch(nothing, [0] * world, group)
             out, _ = run_experts(recv, rank_stack(full, layer_map.rank_experts[rank - 1]), hidden, top_k, x.dtype)
             exchange_combine(out, recv_splits, [0] * world, group)
+    # what torch.distributed saw == what the collectives counted, call by call and byte by byte
+    seen = probe.snapshot()
+    counted = group.tally
+    results.put(("tally", rank, seen["calls"] == {"all_to_all_single": 9},
+                 counted.calls["metadata"] == counted.calls["dispatch"] == counted.calls["combine"] == 3,
+                 seen["bytes_sent"]["all_to_all_single"] == sum(counted.bytes.values()), counted.bytes))
+    probe.uninstall()
     dist.destroy_process_group()
 
 
@@ -151,5 +161,12 @@ def test_round_trip_over_real_gloo_collectives():
     world = 4
     mp.start_processes(_gloo_worker, args=(world, free_port("127.0.0.1"), 5, results), nprocs=world,
                        start_method="spawn")
-    got = sorted(results.get(timeout=5) for _ in range(3))
-    assert got == [(0, True, 0), (1, True, 0), (9, True, 0)]
+    got = [results.get(timeout=5) for _ in range(3 + world)]
+    assert sorted(g for g in got if g[0] != "tally") == [(0, True, 0), (1, True, 0), (9, True, 0)]
+    tallies = sorted(g[1:] for g in got if g[0] == "tally")
+    assert [t[:4] for t in tallies] == [(r, True, True, True) for r in range(world)]
+    # metadata: every rank sends W - 1 int64 per layer; dispatch only from the front-end,
+    # combine only from the expert ranks
+    assert all(t[4]["metadata"] == 3 * (world - 1) * 8 for t in tallies)
+    assert tallies[0][4]["dispatch"] > 0 and tallies[0][4]["combine"] == 0
+    assert sum(t[4]["combine"] for t in tallies[1:]) > 0 and all(t[4]["dispatch"] == 0 for t in tallies[1:])
