@@ -12,7 +12,7 @@ TORCH_FIND_LINKS ?= /opt/wheels
 UV_VERSION ?= 0.13.9
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup lock bench-deps clean
+.PHONY: demo test setup lock clean
 
 # The set-up: torch first (the build for this machine), then every other package at the exact
 # version of requirements.lock with no resolution (--no-deps), then raymoe itself. DeepSpeed
@@ -46,9 +46,6 @@ lock:
 	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	    --constraint $(VENV)/lock-torch.txt --find-links $(TORCH_FIND_LINKS) --no-emit-package torch \
 	    --custom-compile-command "make lock" --quiet -o requirements.lock
-
-# Kept for old habits: the baseline (DeepSpeed) is part of the set-up now.
-bench-deps: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
