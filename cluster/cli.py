@@ -221,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RaymoeModelError, SamplingParamsError, RequestError, DeploymentConfigError, PlanError) as exc:
         _log(f"raymoe: error: {exc}")
         return 2
+    except RuntimeError as exc:
+        bootstrap = sys.modules.get("cluster.bootstrap")  # not imported yet (no Ray): not a ClusterError
+        if bootstrap is None or not isinstance(exc, bootstrap.ClusterError):
+            raise
+        _log(f"raymoe: error: {exc}")  # the cluster has the resources, but they were not free in time
+        return 1
 
 
 if __name__ == "__main__":

@@ -107,9 +107,12 @@ class Deployment(Recovering, Engine):
         self.backend = pick_backend(c.backend, self.gpus) if self.gpus else "gloo"
         bundle = {"CPU": res.cpus_per_actor, **({"GPU": self.gpus} if self.gpus else {})}
         check_pinning(c, self.plan)
+        plural = "s" if c.expert_ranks > 1 else ""
+        actors = f"{c.expert_ranks} rank{plural}" if c.layout == "coherent" else \
+            f"front-end + {c.expert_ranks} expert rank{plural}"
         self.placement_group = create_placement_group([dict(bundle) for _ in range(self.world)], c.ray.strategy,
                                                       label_selectors=bundle_label_selectors(
-                                                          self.plan, c.layout, c.ray.node_label))
+                                                          self.plan, c.layout, c.ray.node_label), actors=actors)
         self.maps = layer_maps(self.plan)
         self.actors = [self._new_actor(index) for index in range(self.world)]
         self.standby = self._new_standby()  # starts alongside the actors

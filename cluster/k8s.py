@@ -225,29 +225,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_files(files: list[Path], crds: Path) -> int:
-    from cluster.k8s_validate import manifest_errors
+    """Check every object of ``files`` (``-``: stdin). Exit status: 0 all good, 1 some
+    object breaks a check, 2 some input is not Kubernetes objects at all (one error line
+    per such file or document on stderr; the other objects are still checked)."""
+    from cluster.k8s_validate import MANIFESTS, ManifestError, check_object, load_documents, manifest_errors
 
-    objects = []
+    objects, malformed = [], []
     for path in files:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text()
-        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+        source = "<stdin>" if str(path) == "-" else str(path)
+        try:
+            try:
+                data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+            except OSError as exc:
+                raise ManifestError(source, "path", source, f"cannot be read ({exc.strerror})",
+                                    f"pass files of {MANIFESTS}") from None
+            for number, doc in load_documents(data, source):
+                try:
+                    objects.append(check_object(doc, source, number))
+                except ManifestError as exc:
+                    malformed.append(exc)
+        except ManifestError as exc:
+            malformed.append(exc)
+    if not objects and not malformed:
+        sources = ", ".join("<stdin>" if str(p) == "-" else str(p) for p in files)
+        malformed.append(ManifestError(sources, "objects", 0, "no Kubernetes objects to check", f"pass {MANIFESTS}"))
     errors = manifest_errors(objects, crds)
+    for problem in malformed:
+        print(f"raymoe k8s check: error: {problem}", file=sys.stderr)
     for error in errors:
-        print(f"raymoe k8s check: {error}", file=sys.stderr)
-    kinds = ", ".join(f"{o.get('kind')} {o.get('metadata', {}).get('name')}" for o in objects)
-    print(f"{len(objects)} objects ({kinds}): {'ok' if not errors else f'{len(errors)} errors'}")
-    return 1 if errors else 0
+        print(f"raymoe k8s check: {' '.join(error.split())}", file=sys.stderr)  # one line each
+    kinds = ", ".join(f"{o['kind']} {o['metadata'].get('name')}" for o in objects)
+    bad = len(malformed) + len(errors)
+    print(f"{len(objects)} objects ({kinds}): {'ok' if not bad else f'{bad} errors'}")
+    return 2 if malformed else 1 if errors else 0
 
 
 def run(args: argparse.Namespace) -> int:
     from placement.errors import PlacementError
 
     if args.k8s_command == "check":
-        try:
-            return check_files(args.files, args.crds)
-        except (OSError, yaml.YAMLError) as exc:
-            print(f"raymoe k8s check: error: {exc}", file=sys.stderr)
-            return 2
+        return check_files(args.files, args.crds)
     try:
         sets = list(args.sets) + (["benchmark.enabled=true"] if getattr(args, "benchmark", False) else [])
         values = load_values(args.config, args.values, sets, args.set_files)

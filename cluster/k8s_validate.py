@@ -8,6 +8,9 @@
 - the raymoe deployment config in the ConfigMap against ``cluster.config``.
 
 Each check returns a list of messages (empty: fine), each naming the object and the path.
+Input that is not a Kubernetes object at all (a binary file, broken YAML, a document that
+is not a mapping, a ``spec`` that is not a mapping) is a ``ManifestError`` instead, from
+``load_documents`` and ``check_object``: the checks above cannot even start on it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,70 @@ from pathlib import Path
 import yaml
 
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+MANIFESTS = "YAML manifests such as `raymoe k8s render` or `helm template` output"
+
+
+class ManifestError(ValueError):
+    """A manifest file or document that is not a Kubernetes object; names the file, the
+    document (1-based, None for the whole file), the field, the value and the fix."""
+
+    def __init__(self, source: str, field: str, value: object, problem: str, fix: str,
+                 document: int | None = None):
+        self.source, self.document, self.field, self.value, self.fix = source, document, field, value, fix
+        where = source if document is None else f"{source} document {document}"
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        super().__init__(f"{where}: {field} = {shown}: {problem}. Fix: {fix}")
+
+
+def load_documents(data: bytes, source: str) -> list[tuple[int, object]]:
+    """(document number from 1, parsed document) for every non-empty YAML document of a
+    file's bytes; ManifestError when the bytes are not UTF-8 or not YAML."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(source, "byte", f"0x{data[exc.start]:02x} at offset {exc.start}",
+                            "not UTF-8 text (a binary file?)", f"pass {MANIFESTS}") from None
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ManifestError(source, "YAML", where, f"not valid YAML ({problem})", "fix the YAML there") from None
+    except RecursionError:
+        raise ManifestError(source, "YAML", "nesting", "nested too deeply to parse", f"pass {MANIFESTS}") from None
+    return [(number, doc) for number, doc in enumerate(documents, 1) if doc is not None]
+
+
+def check_object(doc: object, source: str = "<manifest>", document: int | None = None) -> dict:
+    """``doc`` if it has the shape of a Kubernetes object (a mapping with string
+    ``apiVersion`` and ``kind``, mapping ``metadata``; a mapping ``spec`` for the KubeRay
+    kinds, a string-to-string ``data`` for a ConfigMap), else ManifestError."""
+    def refuse(field: str, value: object, problem: str, fix: str):
+        raise ManifestError(source, field, value, problem, fix, document)
+
+    if not isinstance(doc, dict):
+        what = {str: "string", int: "number", float: "number", bool: "boolean", list: "sequence"}.get(
+            type(doc), type(doc).__name__)
+        refuse("document", doc, f"a YAML {what}, not a Kubernetes object",
+               "each YAML document must be a mapping with apiVersion, kind and metadata")
+    for field in ("apiVersion", "kind"):
+        if not isinstance(doc.get(field), str) or not doc[field]:
+            refuse(field, doc.get(field), "missing or not a string", f"give every object its {field}, e.g. "
+                   + ("ray.io/v1" if field == "apiVersion" else "RayService"))
+    kind = doc["kind"]
+    if not isinstance(doc.get("metadata"), dict):
+        refuse("metadata", doc.get("metadata"), f"the {kind}'s metadata is missing or not a mapping",
+               "write metadata: {name: ...}")
+    if kind in CRD_FILES and not isinstance(doc.get("spec"), dict):
+        refuse("spec", doc.get("spec"), f"a {kind}'s spec must be a mapping", f"write the {kind} spec as the "
+               "CRD describes it (e.g. `raymoe k8s render` output)")
+    if kind == "ConfigMap" and "data" in doc:
+        data = doc["data"]
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            refuse("data", data, "a ConfigMap's data must map keys to strings", "quote the values, or use "
+                   "`|` blocks for files")
+    return doc
 
 
 def strict(schema: dict) -> dict:
@@ -59,11 +126,16 @@ def crd_errors(obj: dict, crd_dir: str | Path) -> list[str]:
     kind = obj.get("kind")
     if kind not in CRD_FILES:
         return [f"{kind}: no CRD to check against (known: {sorted(CRD_FILES)})"]
-    group, _, version = obj.get("apiVersion", "").partition("/")
+    api_version = obj.get("apiVersion")
+    group, _, version = api_version.partition("/") if isinstance(api_version, str) else ("", "", "")
     if group != "ray.io":
-        return [f"{kind}: apiVersion {obj.get('apiVersion')!r} is not ray.io/<version>"]
-    validator = crd_validator(str(crd_dir), kind, version)
-    name = obj.get("metadata", {}).get("name", "?")
+        return [f"{kind}: apiVersion {api_version!r} is not ray.io/<version>"]
+    try:
+        validator = crd_validator(str(crd_dir), kind, version)
+    except KeyError as exc:
+        return [f"{kind}: apiVersion {api_version!r}: {exc.args[0]}; use ray.io/v1"]
+    metadata = obj.get("metadata")
+    name = metadata.get("name", "?") if isinstance(metadata, dict) else "?"
     return [f"{kind} {name}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
             for e in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))]
 
@@ -73,6 +145,8 @@ def serve_config_errors(text: str) -> list[str]:
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
+    if not isinstance(text, str):
+        return [f"serveConfigV2: {text!r} is not a string (the Serve config, as a YAML string)"]
     try:
         raw = yaml.safe_load(text)
         config = ServeDeploySchema.parse_obj(raw)
@@ -107,8 +181,11 @@ def config_map_errors(obj: dict) -> list[str]:
     from cluster.config import DeploymentConfigError, parse_config
 
     errors = []
+    text = obj["data"]["deployment.yaml"]
+    if not isinstance(text, str):
+        return [f"ConfigMap {obj['metadata']['name']}: deployment.yaml: {text!r} is not a string (the YAML file)"]
     try:
-        parse_config(yaml.safe_load(obj["data"]["deployment.yaml"]), "ConfigMap deployment.yaml")
+        parse_config(yaml.safe_load(text), "ConfigMap deployment.yaml")
     except (DeploymentConfigError, KeyError, yaml.YAMLError) as exc:
         errors.append(f"ConfigMap {obj['metadata']['name']}: deployment.yaml: {exc}")
     return errors
@@ -118,6 +195,11 @@ def manifest_errors(objects: list[dict], crd_dir: str | Path) -> list[str]:
     """Every check above, for every object it applies to."""
     errors = []
     for obj in objects:
+        try:
+            check_object(obj)
+        except ManifestError as exc:
+            errors.append(str(exc))
+            continue
         kind = obj.get("kind")
         if kind in CRD_FILES:
             errors += crd_errors(obj, crd_dir)

@@ -181,6 +181,10 @@ def run(args: argparse.Namespace) -> int:
     except PlacementError as exc:
         print(f"raymoe plan: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # --out or --plot cannot be written (every input is read as a typed error)
+        print(f"raymoe plan: error: cannot write {exc.filename}: {exc.strerror}. Fix: pass a writable path to "
+              "--out / --plot", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,9 @@ Definitions (pairs, so that top-k > 1 is counted the same way everywhere):
 
 from __future__ import annotations
 
+import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +91,16 @@ class RoutingStats:
 def _as_counts(array, name: str, source: str, ndim: int) -> np.ndarray:
     """Return ``array`` as float64 after checking rank, finiteness and sign."""
     try:
-        out = np.asarray(array, dtype=np.float64)
+        raw = np.asarray(array)
     except ValueError as exc:  # ragged nested lists
         raise TraceError(source, name, "ragged", f"rows of different lengths ({exc})",
                          "pass a rectangular array") from None
-    if out.ndim != ndim:
-        raise TraceError(source, f"{name}.shape", out.shape, f"expected {ndim} dimensions",
+    if raw.dtype.kind not in "iuf":  # bool, complex, str, datetime, records: not counts
+        raise TraceError(source, f"{name}.dtype", str(raw.dtype), "counts must be integers or floats",
+                         "save the counts as an int or float array")
+    out = raw.astype(np.float64)
+    if out.ndim != ndim or 0 in out.shape:
+        raise TraceError(source, f"{name}.shape", out.shape, f"expected {ndim} non-empty dimensions",
                          "see placement/README.md for the expected shapes")
     if not np.isfinite(out).all():
         raise TraceError(source, name, "non-finite values", "NaN or inf in counts", "clean the data")
@@ -237,53 +244,114 @@ def _as_ids(topk_ids, source: str) -> np.ndarray:
 def _optional(array, shape: tuple, dtype, name: str, source: str) -> np.ndarray | None:
     if array is None:
         return None
-    out = np.asarray(array).astype(dtype)
+    out = np.asarray(array)
+    if out.dtype.kind not in "biuf":
+        raise TraceError(source, f"{name}.dtype", str(out.dtype), "expected numbers",
+                         f"save {name} as numbers ({np.dtype(dtype).name}, docs/formats.md)")
+    out = out.astype(dtype)
     if out.shape != tuple(shape):
         raise TraceError(source, f"{name}.shape", out.shape, f"expected {tuple(shape)} to match topk_ids",
                          "record every array for the same tokens")
     return out
 
 
-def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace:
-    """Read a routing trace: raymoe ``.npz`` (docs/formats.md) or ExFlow ``.npy``."""
+TRACE_FORMS = "a raymoe .npz (generate --record-trace) or an ExFlow .npy of ids [tokens, layers]"
+STATS_FORMS = "an .npy of loads [layers, experts] or an .npz with a 'loads' array"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member, or an empty zip
+# What np.load raises on a file it cannot read: truncated or corrupt zip or array data,
+# a bad header, pickled objects, an encrypted or oddly compressed member, absurd shapes.
+_UNREADABLE = (OSError, EOFError, ValueError, MemoryError, NotImplementedError, RuntimeError,
+               zipfile.BadZipFile, zlib.error, pickle.UnpicklingError)
+
+
+def read_arrays(path: str | Path, forms: str) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of an ``.npy`` file, or every array of an ``.npz`` archive by name (all
+    read now, so a truncated member fails here, not halfway through planning).
+
+    Decided by the file's signature, not its suffix. Raises TraceError naming the file for
+    anything numpy cannot read: missing, empty, not NumPy data, truncated or corrupt,
+    object arrays (never unpickled). ``forms`` says what the file should be, for the fix.
+    """
     path = Path(path)
     source = str(path)
-    if not path.exists():
-        raise TraceError(source, "path", source, "no such file", "pass an existing trace file")
-    if path.suffix == ".npy":
-        try:
-            ids = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise TraceError(source, "array", "object/ragged", str(exc), "save a rectangular int array") from None
-        return trace_from_array(ids, num_experts, source=source)
-    with np.load(path, allow_pickle=False) as npz:
-        if "topk_ids" not in npz.files:
-            raise TraceError(source, "arrays", sorted(npz.files), "no 'topk_ids' array",
-                             "record with --record-trace (docs/formats.md)")
-        version = int(npz["version"]) if "version" in npz.files else 1
-        if version != 1:
-            raise TraceError(source, "version", version, "unsupported trace version", "use version 1")
-        if num_experts is None and "num_experts" in npz.files:
-            num_experts = int(npz["num_experts"])
-        get = {name: npz[name] if name in npz.files else None
-               for name in ("topk_weights", "seq_ids", "is_prompt")}
-        return trace_from_array(npz["topk_ids"], num_experts, source=source, **get)
+    fix = f"pass {forms} (docs/formats.md)"
+    if not path.is_file():
+        raise TraceError(source, "path", source, "not a file" if path.exists() else "no such file", fix)
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise TraceError(source, "path", source, f"cannot be read ({exc.strerror})", fix) from None
+    if not head:
+        raise TraceError(source, "size", 0, "the file is empty", fix)
+    kind = ".npy" if head == _NPY_MAGIC else ".npz" if head[:4] in _ZIP_MAGIC else None
+    if kind is None:
+        raise TraceError(source, "signature", head, "not an .npy or .npz file (neither NumPy's nor zip's "
+                         "signature)", fix)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            arrays = {name: loaded[name] for name in loaded.files}
+    except _UNREADABLE as exc:
+        reason = " ".join(str(exc).split())[:200]
+        if "allow_pickle" in reason:
+            raise TraceError(source, "dtype", "object", f"the {kind} holds pickled Python objects, which raymoe "
+                             "never loads", f"save numeric arrays; {fix}") from None
+        raise TraceError(source, "contents", kind, f"truncated or corrupt ({type(exc).__name__}: {reason})",
+                         f"write the file again; {fix}") from None
+    odd = sorted(name for name, value in arrays.items() if not isinstance(value, np.ndarray))
+    if odd:  # np.load hands back the raw bytes of a zip member that is not an .npy
+        raise TraceError(source, "arrays", odd, "zip members that are not NumPy arrays", fix)
+    return arrays
+
+
+def _integer(arrays: dict[str, np.ndarray], name: str, source: str, default: int | None,
+             minimum: int) -> int | None:
+    """The scalar ``arrays[name]`` as an int >= ``minimum`` (``default`` when absent)."""
+    if name not in arrays:
+        return default
+    value = np.asarray(arrays[name])
+    number = value.reshape(-1)[0] if value.size == 1 else None
+    integral = number is not None and (value.dtype.kind in "iu" or (value.dtype.kind == "f" and
+                                                                     float(number).is_integer()))
+    if not integral or int(number) < minimum:
+        shown = value.tolist() if value.size <= 8 else f"array of shape {value.shape}"
+        raise TraceError(source, name, shown, f"expected one integer >= {minimum}",
+                         f"save {name} as a single integer (np.int64)")
+    return int(number)
+
+
+def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace:
+    """Read a routing trace: raymoe ``.npz`` (docs/formats.md) or ExFlow ``.npy``."""
+    source = str(path)
+    data = read_arrays(path, TRACE_FORMS)
+    if isinstance(data, np.ndarray):
+        return trace_from_array(data, num_experts, source=source)
+    if "topk_ids" not in data:
+        raise TraceError(source, "arrays", sorted(data), "no 'topk_ids' array",
+                         "record with --record-trace (docs/formats.md)")
+    version = _integer(data, "version", source, 1, minimum=0)
+    if version != 1:
+        raise TraceError(source, "version", version, "unsupported trace version", "use version 1")
+    if num_experts is None:
+        num_experts = _integer(data, "num_experts", source, None, minimum=1)
+    get = {name: data.get(name) for name in ("topk_weights", "seq_ids", "is_prompt")}
+    return trace_from_array(data["topk_ids"], num_experts, source=source, **get)
 
 
 def load_stats(path: str | Path, top_k: int | None = None) -> RoutingStats:
     """Read aggregate statistics: ``.npy`` loads ``[layers, experts]``, or ``.npz`` with
     ``loads`` and optionally ``transitions``, ``coactivation``, ``top_k``, ``num_tokens``."""
-    path = Path(path)
     source = str(path)
-    if not path.exists():
-        raise TraceError(source, "path", source, "no such file", "pass an existing statistics file")
-    if path.suffix == ".npy":
-        loads = np.load(path, allow_pickle=False)
-        return RoutingStats.from_arrays(loads, top_k=top_k or 1, source=source)
-    with np.load(path, allow_pickle=False) as npz:
-        if "loads" not in npz.files:
-            raise TraceError(source, "arrays", sorted(npz.files), "no 'loads' array", "save loads=[layers, experts]")
-        arrays = {name: npz[name] if name in npz.files else None for name in ("transitions", "coactivation")}
-        k = top_k or (int(npz["top_k"]) if "top_k" in npz.files else 1)
-        tokens = int(npz["num_tokens"]) if "num_tokens" in npz.files else None
-        return RoutingStats.from_arrays(npz["loads"], top_k=k, num_tokens=tokens, source=source, **arrays)
+    data = read_arrays(path, STATS_FORMS)
+    if isinstance(data, np.ndarray):
+        return RoutingStats.from_arrays(data, top_k=top_k or 1, source=source)
+    if "loads" not in data:
+        raise TraceError(source, "arrays", sorted(data), "no 'loads' array", "save loads=[layers, experts]")
+    arrays = {name: data.get(name) for name in ("transitions", "coactivation")}
+    k = top_k or _integer(data, "top_k", source, 1, minimum=1)
+    tokens = _integer(data, "num_tokens", source, None, minimum=0)
+    return RoutingStats.from_arrays(data["loads"], top_k=k, num_tokens=tokens, source=source, **arrays)

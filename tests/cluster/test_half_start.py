@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -15,6 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cluster import coordinator
+from cluster.bootstrap import ClusterCapacityError, check_capacity
 from cluster.config import DeploymentConfigError, parse_config
 from cluster.coordinator import Deployment
 from placement.errors import PlanError
@@ -22,6 +28,7 @@ from placement.plan import build_plan
 from tests.tiny_models import save_tiny_model
 from workers.model.errors import CheckpointError, ConfigFieldError, RaymoeModelError
 
+ROOT = Path(__file__).resolve().parents[2]
 SETTLE_S = 30.0  # how long killed actors and removed placement groups may take to be reported gone
 
 
@@ -100,6 +107,14 @@ def _nan_weights_checked(good, tmp):
     return _config(path, check_finite=True)
 
 
+def _more_cpus_than_the_cluster(good, tmp):
+    return _config(good, resources={"cpus_per_actor": 200})  # the session's Ray has 4 CPUs
+
+
+def _gpus_the_cluster_lacks(good, tmp):
+    return _config(good, resources={"cpus_per_actor": 0.1, "gpus_per_actor": 8})  # 24 GPUs: no test machine
+
+
 CASES = [
     (_truncated, CheckpointError),
     (_wrong_expert_count, ConfigFieldError),
@@ -108,6 +123,8 @@ CASES = [
     (_plan_for_other_ranks, DeploymentConfigError),
     (_plan_with_huge_header, PlanError),
     (_nan_weights_checked, CheckpointError),
+    (_more_cpus_than_the_cluster, ClusterCapacityError),
+    (_gpus_the_cluster_lacks, ClusterCapacityError),
 ]
 
 
@@ -122,6 +139,64 @@ def test_bad_deployment_raises_its_typed_error_and_leaves_nothing(ray_session, g
         time.sleep(0.2)
     actors, groups = _live()
     assert actors <= before[0] and groups <= before[1], (actors - before[0], groups - before[1])
+
+
+@pytest.mark.parametrize("resources,field,value,needle", [
+    ({"cpus_per_actor": 3}, "resources.cpus_per_actor", 3, "3 CPUs per actor x 3 actors (front-end + 2 expert "
+     "ranks) = 9 CPUs in all, more than the cluster has: the Ray cluster has 4 CPUs (1 node: 4 CPUs"),
+    ({"cpus_per_actor": 0.1, "gpus_per_actor": 8}, "resources.gpus_per_actor", 8, "8 GPUs per actor x 3 actors "
+     "(front-end + 2 expert ranks) = 24 GPUs in all, and no node has 8 GPUs"),
+])
+def test_more_than_the_cluster_has_is_refused_before_any_placement_group(ray_session, good_model, resources, field,
+                                                                         value, needle):
+    """At once, naming the field, what the config asks and what the cluster has: no
+    placement group is ever created (the old path waited 60 s for one that could not be)."""
+    before, groups_ever = _live(), set(ray.util.placement_group_table())  # removed ones stay listed
+    with pytest.raises(ClusterCapacityError) as info:
+        Deployment(_config(good_model, resources=resources))
+    error = info.value
+    assert (error.field, error.value, error.actors) == (field, value, 3) and needle in str(error), str(error)
+    assert isinstance(error, DeploymentConfigError) and "Fix:" in str(error)
+    assert _live()[0] <= before[0] and set(ray.util.placement_group_table()) == groups_ever
+
+
+def test_capacity_check_judges_each_node_the_total_and_strict_pack():
+    """The check alone, on injected ``ray.nodes()`` entries: two alive 4-CPU 1-GPU nodes
+    (a dead 64-CPU one does not count)."""
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}] * 2 + [
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    total = {"CPU": 8.0, "GPU": 2.0}
+    check_capacity([{"CPU": 2.0, "GPU": 0.5}] * 4, "PACK", total, nodes)  # fits: 8 CPUs, 2 GPUs
+    check_capacity([{"CPU": 0.1}] * 3, "STRICT_PACK", {"CPU": 0.3}, [{"Alive": True, "Resources": {"CPU": 0.3}}])
+    assert 0.1 * 3 > 0.3  # ... and still fits, as it does for Ray
+    for bundle, strategy, field, needed, available in [({"CPU": 5.0}, "PACK", "resources.cpus_per_actor", 5, 4),
+                                                       ({"CPU": 3.0}, "PACK", "resources.cpus_per_actor", 9, 8),
+                                                       ({"CPU": 2.0}, "STRICT_PACK", "resources.cpus_per_actor", 6, 4),
+                                                       ({"CPU": 1.0, "GPU": 1.0}, "PACK", "resources.gpus_per_actor",
+                                                        3, 2)]:
+        with pytest.raises(ClusterCapacityError) as info:
+            check_capacity([bundle] * 3, strategy, total, nodes, "3 ranks")
+        error = info.value
+        assert (error.field, error.needed, error.available) == (field, needed, available), str(error)
+        assert "(2 nodes: 4 CPUs, 1 GPU; 4 CPUs, 1 GPU)" in str(error)
+        back = pickle.loads(pickle.dumps(error))  # Ray carries it out of a Serve replica
+        assert type(back) is ClusterCapacityError and str(back) == str(error) and vars(back) == vars(error)
+
+
+def test_generate_cli_refuses_more_gpus_than_the_cluster_has_in_one_line(tmp_path):
+    """`raymoe generate --config` on its own embedded Ray (no GPU asked of a test machine
+    has 8 per actor): exit 2, one line naming the field, no traceback."""
+    config = tmp_path / "deployment.yaml"
+    config.write_text(yaml.safe_dump({"model": str(ROOT / "models" / "tiny-moe"), "expert_ranks": 1,
+                                      "resources": {"cpus_per_actor": 0.1, "gpus_per_actor": 8}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--config", str(config), "--prompt", "hi",
+                           "--max-new-tokens", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("raymoe: error:")]
+    assert line.startswith("raymoe: error: config field 'resources.gpus_per_actor' = 8: the deployment asks for 8 "
+                           "GPUs per actor x 2 actors (front-end + 1 expert rank) = 16 GPUs in all"), line
+    assert "Fix: " in line and "resources.gpus_per_actor: auto" in line
 
 
 def test_a_good_deployment_starts_after_the_bad_ones(ray_session, good_model):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from workers.model.errors import (
     CheckpointError,
     ConfigFieldError,
     MissingWeightError,
+    QuantizedWeightError,
     UnsupportedModelError,
     WeightShapeError,
 )
@@ -151,9 +155,75 @@ def test_check_shapes_reads_headers_only_and_names_the_tensor(ckpt, monkeypatch)
         Checkpoint(ckpt).check_shapes()
 
 
+QUANTIZATION_CONFIGS = [  # as the real checkpoints of each method write them
+    {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}},
+]
+
+
+@pytest.mark.parametrize("quant", QUANTIZATION_CONFIGS, ids=lambda q: q["quant_method"])
+def test_quantized_checkpoint_is_refused_by_its_quant_method(ckpt, quant):
+    _edit_config(ckpt, quantization_config=quant)
+    with pytest.raises(UnsupportedModelError) as err:
+        Checkpoint(ckpt)
+    assert err.value.field == "quantization_config.quant_method" and err.value.value == quant["quant_method"]
+    assert "unquantized (float32, bfloat16 or float16) weights only" in str(err.value)
+
+
+def _edit_tensors(path, edit) -> None:
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+EXPERT = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+
+
+@pytest.mark.parametrize("key,dtype", [(Q_PROJ, torch.float8_e4m3fn), (EXPERT, torch.float8_e5m2),
+                                       (EXPERT, torch.int8)])
+def test_quantized_tensors_without_quantization_config_are_refused(ckpt, key, dtype):
+    """From the headers before any actor starts (check_shapes), and on reading (load_model,
+    the reference engine's path): a float8 weight is never cast and used without its scales."""
+    _edit_tensors(ckpt, lambda t: t.__setitem__(key, t[key].to(dtype)))
+    with pytest.raises(QuantizedWeightError) as err:
+        Checkpoint(ckpt).check_shapes()
+    header = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8"}[dtype]
+    assert (err.value.key, err.value.dtype) == (key, header) and "config.json has no quantization_config" in str(
+        err.value)
+    with pytest.raises(QuantizedWeightError) as err:
+        load_model(ckpt)
+    assert err.value.key == key and err.value.dtype == str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("extra", [f"{Q_PROJ}_scale_inv", Q_PROJ.replace("weight", "weight_scale"),
+                                   Q_PROJ.replace("weight", "qweight"), Q_PROJ.replace("weight", "qzeros")])
+def test_scale_and_packed_weight_tensors_are_refused_by_name(ckpt, extra):
+    _edit_tensors(ckpt, lambda t: t.__setitem__(extra, torch.ones(2, 2)))
+    with pytest.raises(QuantizedWeightError) as err:
+        Checkpoint(ckpt)
+    assert err.value.key == extra and err.value.dtype is None and "is a quantization scale" in str(err.value)
+
+
+def test_generate_cli_refuses_an_fp8_checkpoint_in_one_line(ckpt):
+    _edit_config(ckpt, quantization_config=QUANTIZATION_CONFIGS[0])
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--model", str(ckpt), "--prompt-ids",
+                           "1,2", "--max-new-tokens", "1"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line == (f"raymoe: error: {ckpt / 'config.json'}: field 'quantization_config.quant_method' = 'fp8'; "
+                    "expected no quantization_config: raymoe loads unquantized (float32, bfloat16 or float16) "
+                    "weights only; use the original unquantized checkpoint")
+
+
 @pytest.mark.parametrize("error", [CheckpointError("m/x", "bad", "fix it"), WeightShapeError("m/x", "k", (1, 2), (2, 1)),
                                    MissingWeightError("m/x", "k"), ConfigFieldError("m/c", "f", 3, "an int"),
-                                   UnsupportedModelError("m/c", "model_type", "x", "mixtral")],
+                                   UnsupportedModelError("m/c", "model_type", "x", "mixtral"),
+                                   QuantizedWeightError("m/x", "k", "F8_E4M3", 3)],
                          ids=lambda e: type(e).__name__)
 def test_errors_survive_pickling(error):
     """Ray carries an actor's error to the driver by pickle; before __reduce__, these

@@ -190,3 +190,45 @@ def test_crd_check_is_strict_about_undeclared_fields_and_types():
 def test_example_values_render_valid_manifests(values_file):
     objs = render(files=[values_file], sets=["benchmark.enabled=true"])
     assert {"ConfigMap", "RayService", "RayJob"} <= set(objs)
+
+
+def test_check_refuses_what_is_not_kubernetes_objects_one_line_each(tmp_path):
+    """Binary files, broken YAML, documents that are not mappings, a spec that is not a
+    mapping: exit 2, one error line per file or document (naming it, the field and the
+    value), no traceback; the good objects beside them are still checked."""
+    good = tmp_path / "good.yaml"
+    assert k8s.main(["render", "--config", str(TINY), "--out", str(good)]) == 0
+    files = {"binary.bin": b"\xca\xfe\x00\x01" * 64, "broken.yaml": b"a: [1, 2\n", "empty.yaml": b"",
+             "scalar.yaml": b"hello\n", "list.yaml": b"- a\n- b\n",
+             "spec.yaml": b"apiVersion: ray.io/v1\nkind: RayService\nmetadata: {name: svc}\nspec: 3\n---\n"
+                          b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\ndata: 3\n---\n7\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = [str(tmp_path / name) for name in files]
+    done = subprocess.run([sys.executable, "-m", "cluster.k8s", "check", str(good), *paths, "--crds", str(CRDS)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    expected = [(f"{tmp_path / 'binary.bin'}: byte = '0xca at offset 0': not UTF-8 text"),
+                (f"{tmp_path / 'broken.yaml'}: YAML = 'line 2, column 1': not valid YAML"),
+                (f"{tmp_path / 'scalar.yaml'} document 1: document = 'hello': a YAML string, not a Kubernetes object"),
+                (f"{tmp_path / 'list.yaml'} document 1: document = ['a', 'b']: a YAML sequence"),
+                (f"{tmp_path / 'spec.yaml'} document 1: spec = 3: a RayService's spec must be a mapping"),
+                (f"{tmp_path / 'spec.yaml'} document 2: data = 3: a ConfigMap's data must map keys to strings"),
+                (f"{tmp_path / 'spec.yaml'} document 3: document = 7: a YAML number")]
+    assert len(lines) == len(expected), lines  # empty.yaml holds no object, and the other files do
+    for line, needle in zip(lines, expected):
+        assert line.startswith("raymoe k8s check: error: ") and needle in line and "Fix:" in line, (line, needle)
+    assert done.stdout.startswith("2 objects (ConfigMap raymoe-config, RayService raymoe): 7 errors")
+    nothing = subprocess.run([sys.executable, "-m", "cluster.k8s", "check", str(tmp_path / "empty.yaml")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2 and "objects = 0: no Kubernetes objects to check" in nothing.stderr
+
+
+def test_manifest_errors_report_malformed_objects_instead_of_raising():
+    messages = manifest_errors([{"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": "s"},
+                                 "spec": 3}, "text", {"apiVersion": "ray.io/v9", "kind": "RayJob",
+                                                      "metadata": {"name": "j"}, "spec": {}}], CRDS)
+    assert "spec = 3" in messages[0] and "document = 'text'" in messages[1]
+    assert messages[2] == "RayJob: apiVersion 'ray.io/v9': RayJob CRD has no version v9; use ray.io/v1"
+    assert serve_config_errors(3) == ["serveConfigV2: 3 is not a string (the Serve config, as a YAML string)"]

@@ -70,3 +70,61 @@ def test_placement_never_imports_ray_torch_distributed_or_grpc():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'grpc') or m.startswith('torch')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _bad_files(tmp_path) -> dict[str, object]:
+    """Files `raymoe plan` must refuse, by name -> (the field or reason its error names)."""
+    ids = np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]]])
+    np.savez(tmp_path / "good.npz", topk_ids=ids, num_experts=np.int64(4))
+    whole = (tmp_path / "good.npz").read_bytes()
+    np.save(tmp_path / "good.npy", ids[:, :, 0])
+    array = (tmp_path / "good.npy").read_bytes()
+    files = {
+        "random.npz": (np.random.default_rng(0).bytes(3000), "signature"),
+        "random.npy": (b"\x01" + np.random.default_rng(1).bytes(3000), "signature"),
+        "empty.npz": (b"", "size = 0"),
+        "empty.npy": (b"", "size = 0"),
+        "truncated.npz": (whole[: len(whole) // 2], "truncated or corrupt"),
+        "truncated.npy": (array[:-8], "truncated or corrupt"),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    np.save(tmp_path / "objects.npy", np.array([[1], [1, 2]], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "complex.npy", np.ones((3, 4), dtype=complex))
+    np.save(tmp_path / "strings.npy", np.array([["a", "b"]]))
+    np.save(tmp_path / "three_d.npy", np.ones((2, 3, 4)))
+    np.savez(tmp_path / "vector_version.npz", topk_ids=ids, version=np.array([1, 2]))
+    np.savez(tmp_path / "string_top_k.npz", loads=np.ones((2, 4)), top_k=np.array("two"))
+    return {name: needle for name, (_, needle) in files.items()} | {
+        "objects.npy": "pickled Python objects", "complex.npy": "dtype = 'complex128'", "strings.npy": "dtype",
+        "three_d.npy": "shape", "vector_version.npz": "version = [1, 2]", "string_top_k.npz": "top_k = 'two'"}
+
+
+def _plan(*args: str, module: str = "placement.cli") -> subprocess.CompletedProcess:
+    prefix = ["plan"] if module == "cluster.cli" else []
+    return subprocess.run([sys.executable, "-m", module, *prefix, *args, "--ranks", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("option", ["--trace", "--loads"])
+def test_unreadable_or_wrong_files_exit_2_with_one_line_naming_the_file(tmp_path, option):
+    """`python -m placement.cli` is `raymoe plan` without the torch import (the same run())."""
+    for name, needle in _bad_files(tmp_path).items():
+        if (option, name) in (("--trace", "string_top_k.npz"), ("--loads", "vector_version.npz"),
+                              ("--trace", "three_d.npy")):  # not that option's file: no such field read
+            continue
+        done = _plan(option, str(tmp_path / name))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (name, done.stderr)
+        assert lines[0].startswith(f"raymoe plan: error: {tmp_path / name}: ") and needle in lines[0], (name, lines)
+        assert "Traceback" not in done.stderr and "Fix:" in lines[0]
+
+
+def test_raymoe_plan_command_reports_a_truncated_trace_in_one_line(tmp_path):
+    _bad_files(tmp_path)
+    done = _plan("--trace", str(tmp_path / "truncated.npz"), module="cluster.cli")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert f"{tmp_path / 'truncated.npz'}: contents = '.npz': truncated or corrupt (BadZipFile" in line
+    done = _plan("--trace", str(tmp_path / "good.npz"), "--out", str(tmp_path / "no" / "dir" / "plan.yaml"))
+    assert done.returncode == 2 and "cannot write" in done.stderr and "Traceback" not in done.stderr, done.stderr

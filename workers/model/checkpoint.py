@@ -21,12 +21,20 @@ from workers.model.errors import (
     ConfigFieldError,
     MissingWeightError,
     NonFiniteWeightError,
+    QuantizedWeightError,
     WeightShapeError,
 )
 from workers.model.families import checkpoint_key, expert_keys, family_of, parse_config
 
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[a-z_]+\.experts\.(\d+)\.")
+# Tensors only quantized checkpoints hold: FP8 block scales (weight_scale_inv), per-tensor
+# scales (weight_scale, input_scale, k_scale), GPTQ / AWQ packing (qweight, qzeros,
+# scales, g_idx), compressed-tensors (weight_packed, weight_zero_point, weight_shape) and
+# bitsandbytes state (absmax, quant_map, quant_state.*, SCB).
+_QUANTIZED_KEY = re.compile(r"(_scale|_scale_inv|_scale_2|\.(qweight|qzeros|scales|g_idx|weight_packed|"
+                            r"weight_zero_point|weight_shape|absmax|quant_map|SCB))$|\.quant_state\.")
+UNQUANTIZED = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -50,6 +58,7 @@ class Checkpoint:
         self.config: ModelConfig = parse_config(self.raw_config, str(config_path), moge_groups)
         self._handles: dict[str, object] = {}
         self.weight_map = self._weight_map()  # tensor name -> shard file name
+        self._check_unquantized()
         self._check_expert_count()
 
     def _weight_map(self) -> dict[str, str]:
@@ -76,6 +85,14 @@ class Checkpoint:
                 raise CheckpointError(self.path / shard, f"cannot be read as safetensors ({exc})",
                                       "the file is truncated or corrupt: download it again") from None
         return self._handles[shard]
+
+    def _check_unquantized(self) -> None:
+        """No scale or packed-weight tensor (by name: config.json declared no quantization,
+        or parse_config would have refused it); dtypes are checked by ``check_shapes``
+        from the headers and by ``tensor`` on every read."""
+        quantized = sorted(key for key in self.weight_map if _QUANTIZED_KEY.search(key))
+        if quantized:
+            raise QuantizedWeightError(self.path / self.weight_map[quantized[0]], quantized[0], None, len(quantized))
 
     def _check_expert_count(self) -> None:
         """The experts in the weights must be the experts config.json declares."""
@@ -104,6 +121,8 @@ class Checkpoint:
             raise MissingWeightError(self.path, key)
         shard = self.weight_map[key]
         value = self._read(shard, key)
+        if value.dtype not in UNQUANTIZED.values():  # float8 or int: would be cast without its scales
+            raise QuantizedWeightError(str(self.path / shard), key, str(value.dtype).removeprefix("torch."))
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise WeightShapeError(str(self.path / shard), key, tuple(value.shape), tuple(shape))
         return value if dtype is None else value.to(dtype)
@@ -146,20 +165,24 @@ class Checkpoint:
         return shapes
 
     def check_shapes(self) -> None:
-        """Every tensor config.json implies is present with its shape, checked from the
-        shard headers alone (no weight is read); raise MissingWeightError or
-        WeightShapeError naming the first that is not."""
+        """Every tensor config.json implies is present with its shape and an unquantized
+        dtype, checked from the shard headers alone (no weight is read); raise
+        MissingWeightError, WeightShapeError or QuantizedWeightError naming the first
+        that is not."""
         for key, shape in self.expected_shapes().items():
             if key not in self.weight_map:
                 raise MissingWeightError(self.path, key)
             shard = self.weight_map[key]
             try:
-                got = tuple(self._open(shard).get_slice(key).get_shape())
+                header = self._open(shard).get_slice(key)
+                got, dtype = tuple(header.get_shape()), header.get_dtype()
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(self.path / shard, f"tensor '{key}' cannot be read ({exc})",
                                       "the file is truncated or corrupt: download it again") from None
             if got != shape:
                 raise WeightShapeError(str(self.path / shard), key, got, shape)
+            if dtype not in UNQUANTIZED:
+                raise QuantizedWeightError(str(self.path / shard), key, dtype)
 
     def expert_weights(self, layer: int, experts: list[int],
                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

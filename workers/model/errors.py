@@ -68,6 +68,29 @@ class MissingWeightError(CheckpointError):
         )
 
 
+class QuantizedWeightError(CheckpointError):
+    """A tensor of the checkpoint is quantized (a float8 or integer dtype, or a scale /
+    packed-weight tensor such as ``weight_scale_inv`` or ``qweight``) while config.json
+    declares no quantization.
+
+    Attributes: ``key`` (the first such tensor), ``dtype`` (the header's, e.g. ``F8_E4M3``,
+    or torch's once read, e.g. ``float8_e4m3fn``; None when its name gave it away) and
+    ``count`` (how many such tensors).
+    """
+
+    def __init__(self, path: str, key: str, dtype: str | None, count: int = 1):
+        self.key, self.dtype, self.count = key, dtype, count
+        what = f"has dtype {dtype}" if dtype else "is a quantization scale or packed weight"
+        others = f" ({count} such tensors)" if count > 1 else ""
+        super().__init__(
+            path,
+            f"tensor '{key}' {what}{others}: the checkpoint is quantized, but config.json has no "
+            "quantization_config",
+            "raymoe loads unquantized (float32, bfloat16 or float16) weights only: use the original unquantized "
+            "checkpoint",
+        )
+
+
 class NonFiniteWeightError(CheckpointError):
     """Tensors of a checkpoint hold NaN or Inf values (``Checkpoint.check_finite``).
 
