@@ -19,27 +19,23 @@ the ratios then compare work, not who grabbed more cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks import result_file
 from benchmarks.baselines import deepspeed_ep
-from benchmarks.baselines.measure import PHASES, RunResult, peak_rss_mb
+from benchmarks.baselines.measure import RunResult, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny-moe"
 RESULTS = ROOT / "benchmarks" / "results"
-BASELINES = ("transformers", "DeepSpeed-MoE EP", "naive Ray")
 
 
 def make_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
@@ -138,33 +134,6 @@ def measure_system(factory, label: str, is_reference: bool, pool: list[list[int]
     return rows
 
 
-def _pct(row: RunResult, phase: str) -> str:
-    total = sum(row.phase_seconds.values()) or 1.0
-    return f"{100 * row.phase_seconds.get(phase, 0.0) / total:.0f}%"
-
-
-def _ratio(row: RunResult, rows: list[RunResult], baseline: str) -> str:
-    base = next((r for r in rows if r.batch == row.batch and r.system.startswith(baseline)), None)
-    if base is None or base is row:
-        return "-"
-    return f"{row.decode_tok_s / base.decode_tok_s:.2f}x"
-
-
-def table(rows: list[RunResult]) -> str:
-    from cluster.tables import format_table
-
-    header = ["batch", "system", "procs", "prefill tok/s", "decode tok/s", "vs transformers", "vs DeepSpeed",
-              "vs naive Ray", *PHASES, "B/token", "coll/layer", "peak RSS MB", "same text"]
-    out = []
-    for r in sorted(rows, key=lambda r: r.batch):
-        out.append([r.batch, r.system, r.processes, f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}",
-                    *(_ratio(r, rows, b) for b in BASELINES), *(_pct(r, p) for p in PHASES),
-                    f"{r.bytes_per_token:.0f}", f"{r.collectives_per_layer:.2f}",
-                    f"{max(r.peak_rss_mb, default=0):.0f}" + (f" x{len(r.peak_rss_mb)}" if len(r.peak_rss_mb) > 1 else ""),
-                    "yes" if r.same_text else "NO"])
-    return format_table(header, out)
-
-
 def targets(rows: list[RunResult], ranks: int, batches: list[int]) -> list[str]:
     """The issue's targets, each with the measured number."""
     def find(prefix: str, batch: int) -> RunResult | None:
@@ -229,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per (system, batch); the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "compare.json")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/compare.json, with a part "
+                                                 "per non-default argument); its routing goes next to it")
     parser.add_argument("--plots", default=str(RESULTS), help="directory for compare_*.png ('' for none)")
     args = parser.parse_args(argv)
+    out = args.out or result_file.default_path("compare", parser, args, ignore=("budget_s", "address", "plots"))
     from cluster.bootstrap import connect
     from cluster.config import RayConfig
 
@@ -246,24 +217,23 @@ def main(argv: list[str] | None = None) -> int:
                               args.budget_s, args.seed, set(filter(None, args.systems.split(","))) or None,
                               args.repeats)
     wall = time.perf_counter() - started
-    meta = {"command": "python -m benchmarks.compare " + " ".join(map(shlex.quote, argv if argv is not None
-                                                                         else sys.argv[1:])),
-            "date": date.today().isoformat(), "machine": f"{platform.machine()}, {_cpus()} CPU cores",
-            "cpu_cores": _cpus(),
-            "python": platform.python_version(), "torch": torch.__version__, "model": description, "shape": shape,
-            "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)],
-            "ranks": args.ranks, "batches": batches, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "threads_per_process": args.threads, "repeats": args.repeats, "wall_s": round(wall, 1), "notes": notes}
+    meta = result_file.run_meta(
+        "benchmarks.compare", argv, args, cpu_cores=_cpus(), model=description, shape=shape,
+        load_average=[round(load_start, 1), round(os.getloadavg()[0], 1)], ranks=args.ranks, batches=batches,
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads_per_process=args.threads,
+        repeats=args.repeats, wall_s=round(wall, 1), notes=notes)
+    lines = targets(rows, args.ranks, batches)
+    data = {"targets": lines, "rows": [r.to_json() for r in rows]}
+    result_file.write(out, meta, data)
+    from benchmarks.results_md import render_result
+
     print(f"model: {description}; {args.ranks} ranks; prompts of {args.prompt_len} tokens, {args.new_tokens} new "
           f"tokens each; {args.threads} torch thread(s) per process; wall {wall:.0f} s")
-    print(table(rows))
-    lines = targets(rows, args.ranks, batches)
+    print(render_result("compare", meta, data))
     print("\n".join(["targets:"] + [f"  {t}" for t in lines] + [f"note: {n}" for n in notes]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "targets": lines, "rows": [r.to_json() for r in rows]}, indent=2))
     routing = {f"b{r.batch}": r.routing for r in rows if r.routing is not None}
     if routing:  # the decode steps' expert ids, for benchmarks/cost_model.py
-        np.savez_compressed(args.out.with_name(args.out.stem + "_routing.npz"), **routing)
+        np.savez_compressed(out.with_name(out.stem + "_routing.npz"), **routing)
     if args.plots:
         from benchmarks.plots import draw_all
 

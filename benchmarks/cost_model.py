@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks import result_file
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = Path(__file__).with_name("cost_model.yaml")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -493,20 +495,6 @@ def check_table(result: dict) -> str:
                          "held-out err"], rows)
 
 
-def projection_table(rows: list[dict]) -> str:
-    from cluster.tables import format_table
-
-    out = []
-    for r in rows:
-        total = r["step_ms"] or 1.0
-        layout = r["layout"] + (f" {r['frontends']}:{r['expert_ranks']}" if r["frontends"] else "")
-        out.append([r["gpus"], r["nodes"], layout, r["policy"], r["batch"], f"{r['decode_tok_s']:.0f}",
-                    f"{r['decode_tok_s'] / r['gpus']:.0f}", f"{r['step_ms']:.2f}",
-                    *(f"{100 * r['phase_ms'][p] / total:.0f}%" for p in PHASES), f"{r['bytes_per_token'] / 1024:.1f}"])
-    return format_table(["GPUs", "nodes", "layout", "policy", "batch", "decode tok/s", "tok/s/GPU", "step ms",
-                         *PHASES, "KiB/token"], out)
-
-
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.cost_fit import build_stages, check, error_summary, measured_rows  # fitting imports this module
 
@@ -514,10 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--measured", type=Path, default=RESULTS / "compare.json",
                         help="compare.json of benchmarks/compare.py (its *_routing.npz next to it)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "compare_cost_model.json")
+    parser.add_argument("--out", type=Path, help="JSON file (default: <--measured's name>_cost_model.json in "
+                                                 "benchmarks/results, with a part per other non-default argument)")
     parser.add_argument("--plots", default=str(RESULTS), help="directory for the PNGs ('' for none)")
     parser.add_argument("--skip-projection", action="store_true")
     args = parser.parse_args(argv)
+    out = args.out or result_file.default_path(f"{args.measured.stem}_cost_model", parser, args,
+                                               ignore=("measured", "plots"))
+    meta = result_file.run_meta("benchmarks.cost_model", argv, args)
     from tqdm import tqdm
 
     config = load_config(args.config)
@@ -552,10 +544,12 @@ def main(argv: list[str] | None = None) -> int:
         total = len(cfg["gpus"]) * sum(1 if l == "deepspeed" else len(cfg["policies"]) for l in cfg["layouts"])
         with tqdm(total=total, desc="cost model: projection", file=sys.stderr) as bar:
             result["projection"] = project(config, hw, bar)
+    result_file.write(out, meta, result)
+    if "projection" in result:
+        from benchmarks.results_md import render_result
+
         print(f"PROJECTION (cost model, not a measurement): {hw.name}; model {config['model']}")
-        print(projection_table(result["projection"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float))
+        print(render_result("cost_model.projection", meta, result))
     if args.plots:
         from benchmarks.plots import cost_model_plots
 

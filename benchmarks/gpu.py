@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import result_file
 from benchmarks.runtime import TINY, random_model
 from workers.model.checkpoint import load_model
 from workers.reference import ReferenceEngine
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.gpu_deployment import bench_deployments
 
             result = bench_deployments(models, batches, args.prompt_len, args.new_tokens)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+    # attention on CUDA asks SDPA for flash / memory-efficient / math kernels, never cuDNN (workers/model/attention.py)
+    meta = result_file.run_meta("benchmarks.gpu", argv, args, bf16_attention="flash / efficient / math")
+    result_file.write(args.out, meta, {"rows": result}, default=str)
     return 0
 
 

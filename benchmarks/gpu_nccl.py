@@ -17,6 +17,7 @@ import torch
 
 from cluster.process_group import destroy_group, free_port, init_group
 from placement.plan import build_plan
+from workers.collectives import Collectives
 from workers.dispatch import (
     exchange_combine,
     exchange_dispatch,
@@ -101,7 +102,7 @@ def rank_main(rank: int, world: int, address: str, backend: str, hidden: int, ba
         device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        group = init_group(backend, address, rank, world, 60.0)
+        group = Collectives(init_group(backend, address, rank, world, 60.0))
         layer_map = layer_maps(build_plan("linear", num_layers=1, num_experts=EXPERTS, num_ranks=world))[0].to(device)
         for dtype_name, dtype in DTYPES.items():
             full = full_stack(hidden, hidden, dtype, device)

@@ -1,7 +1,7 @@
 """Disaggregated vs. coherent layout, each with a linear and an affinity plan: bytes
 across ranks per decoded token (split by purpose), collectives per layer, decode tok/s.
 
-    python -m benchmarks.layouts --ranks 4 --out benchmarks/results/layouts.json
+    python -m benchmarks.layouts --ranks 4      # writes benchmarks/results/layouts_r4.json
 
 The affinity plan is fitted on a routing trace recorded by the reference engine on one
 set of prompts (Python standard-library files) and every row is measured on another.
@@ -10,7 +10,7 @@ set of prompts (Python standard-library files) and every row is measured on anot
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import sysconfig
 import tempfile
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks import result_file
 from cluster.config import parse_config
 from cluster.coordinator import Deployment
-from cluster.tables import format_table
 from placement import build_plan, load_trace
 from workers.reference import ReferenceEngine
 from workers.sampling import SamplingParams
@@ -74,24 +74,6 @@ def measure(model: Path, ranks: int, layout: str, plan, prompts, params, batch: 
     }
 
 
-def table(rows: list[dict]) -> str:
-    base = next(r for r in rows if r["layout"] == "disaggregated" and r["plan"] == "linear")["total_bytes_per_token"]
-    header = ["layout", "plan", "B/token", "x disagg+linear", "dispatch", "combine", "merge", "meta", "coherence",
-              "a2a/layer", "other coll/step", "stayed", "decode tok/s", "same tokens"]
-    out = []
-    for r in rows:
-        b = r["bytes_per_token"]
-        stayed = r["stayed_fraction_per_layer"]
-        out.append([r["layout"], r["plan"], f"{r['total_bytes_per_token']:.0f}",
-                    f"{r['total_bytes_per_token'] / base:.2f}",
-                    *(f"{b[k]:.0f}" for k in ("dispatch_bytes", "combine_bytes", "merge_bytes", "metadata_bytes",
-                                              "coherence_bytes")),
-                    f"{r['token_collectives_per_layer']:.2f}", f"{r['other_collectives_per_step']:.1f}",
-                    f"{sum(stayed) / len(stayed):.0%}" if stayed else "-", f"{r['decode_tok_s']:.1f}",
-                    "yes" if r["same_tokens"] else "NO"])
-    return format_table(header, out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=TINY)
@@ -100,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--load-cap", type=float, default=None, help="affinity plan's max/mean rank load")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layouts.json")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/layouts_r<ranks>.json, "
+                                                 "with a part per other non-default argument)")
     args = parser.parse_args(argv)
+    out = args.out or result_file.default_path("layouts", parser, args, always={"ranks": "r"})
+    meta = result_file.run_meta("benchmarks.layouts", argv, args, model=args.model.name)
     reference = ReferenceEngine.from_pretrained(args.model, max_seqs=args.batch)
     config = reference.model.config
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -124,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     print(f"model {args.model.name}, {args.ranks} ranks, {args.batch} sequences x {args.new_tokens} new tokens; "
           f"affinity plan fitted on {len(FIT_FILES)} other files ({plans['affinity'].objectives})")
-    print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"plans": {k: p.objectives for k, p in plans.items()}, "rows": rows}, indent=2))
+    meta["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
+    data = {"plans": {k: p.objectives for k, p in plans.items()}, "rows": rows}
+    result_file.write(out, meta, data)
+    from benchmarks.results_md import render_result
+
+    print(render_result("layouts", meta, data))
     return 0
 
 

@@ -17,7 +17,7 @@ sequence ignored, so every request costs the same):
    deployment's actors) is sampled every second;
 4. recovery: straight back to the unloaded rate for ``--recovery-seconds``.
 
-Reported (JSON to ``--out``, the RESULTS.md section to stdout, progress to stderr): counts of 200 / 429 / other, the
+Reported (JSON to ``--out``, its RESULTS.md table to stdout, progress to stderr): counts of 200 / 429 / other, the
 fraction of 429s carrying a valid Retry-After, admitted latency p50/p99 under overload
 against the unloaded p99, RSS at the start and peak of the overload per process, the
 recovery latencies, and the server's queue, running and stream gauges once it is idle.
@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import random
 import sys
 import threading
@@ -39,10 +36,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import result_file
 from benchmarks.serving import PROMPTS, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Overload"
 
 
 @dataclass(frozen=True)
@@ -268,51 +265,6 @@ def run(settings, args) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------
-def markdown(result: dict, meta: dict) -> str:
-    o, u, r = result["overload"], result["unloaded"], result["recovery"]
-    a = o["admitted"]
-    rss = "; ".join(f"{name} {v['start_mib']:.0f} -> max {v['max_mib']:.0f} MiB"
-                    for name, v in result["rss"].items())
-    idle = result["idle_after"]
-    return "\n".join([
-        SECTION, "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; date {meta['date']}.  ",
-        f"Model: {meta['model']} ({meta['layout']}, front-end + {meta['expert_ranks']} expert ranks, max_seqs "
-        f"{meta['max_seqs']}, max_queue {meta['max_queue']}, max_wait_s {meta['max_wait_s']}), non-streaming "
-        f"/v1/completions, greedy, {meta['max_tokens']} new tokens per request (EOS ignored); Poisson arrivals "
-        "over loopback from one asyncio client.", "",
-        "| phase | offered req/s | seconds | 200 | 429 | other | latency p50 s | latency p99 s |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| capacity ({meta['max_seqs']} closed-loop clients) | - | - | - | - | - | "
-        f"{result['capacity_requests_s']:.2f} req/s sustained | |",
-        f"| unloaded ({meta['unloaded_fraction']:g}x capacity) | {result['unloaded_rate']:.2f} | "
-        f"{meta['unloaded_seconds']:g} | {u['ok']} | {u['refused']} | {u['other']} | {u['p50_s']:.2f} | "
-        f"{u['p99_s']:.2f} |",
-        f"| overload ({meta['factor']:g}x capacity) | {result['overload_rate']:.2f} | {meta['seconds']:g} | "
-        f"{o['ok_200']} | {o['refused_429']} | {o['other']} | {a['p50_s']:.2f} | {a['p99_s']:.2f} |",
-        f"| recovery (unloaded rate) | {result['unloaded_rate']:.2f} | {meta['recovery_seconds']:g} | {r['ok']} | "
-        f"{r['refused']} | {r['other']} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |", "",
-        f"- Admitted latency under overload: p50 {o['admitted_p50_over_unloaded_p99']:.2f}x, p99 "
-        f"**{o['admitted_p99_over_unloaded_p99']:.2f}x** the unloaded p99 (target: within 2x).",
-        f"- Goodput under overload: {o['ok_200'] / meta['seconds']:.2f} requests/s served, "
-        f"{100 * o['ok_200'] / meta['seconds'] / result['capacity_requests_s']:.0f}% of the sustainable rate "
-        "(the refusals cost the shared cores some of it).",
-        f"- 429s carrying a Retry-After of whole seconds >= 1: {100 * o['retry_after_fraction']:.1f}% "
-        f"(values {o['retry_after_s']['min']}-{o['retry_after_s']['max']} s); a 429 is answered in "
-        f"{1e3 * o['refused_latency_p99_s']:.0f} ms (p99). Refusals by reason: queue_full "
-        f"{idle['refused_queue_full']:.0f}, wait {idle['refused_wait']:.0f}.",
-        f"- RSS during overload and recovery (start -> max, sampled every second, summed per actor class: "
-        f"ExpertWorker is both expert ranks): {rss}.",
-        f"- Recovery: every request answered 200 within 2x the unloaded p99 from second "
-        f"{r['recovered_after_s']} after the load dropped (p99 {r['p99_s']:.2f} s, max {r['max_s']:.2f} s).",
-        f"- Once idle: queue depth {idle['queue_depth']:.0f}, running sequences {idle['running_sequences']:.0f}, "
-        f"open streams {idle['open_streams']:.0f}.", "",
-        "The load generator, the Serve proxy and replica and the three actors share the machine's cores (load "
-        f"average {meta['load_before']} before, {meta['load_after']} after); latencies move by 10-20% between runs, "
-        "so the ratios above come from one run.", ""])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "deploy" / "configs" / "tiny.yaml")
@@ -325,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-s", default=None, help="override batching.max_wait_s ('none': no limit)")
     parser.add_argument("--max-queue", type=int, default=None, help="override batching.max_queue")
     parser.add_argument("--port", type=int, default=18331)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overload.json")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/overload.json, with a "
+                                                 "part per non-default argument)")
     args = parser.parse_args(argv)
+    out = args.out or result_file.default_path("overload", parser, args, ignore=("port",))
+    meta = result_file.run_meta("benchmarks.overload", argv, args)
 
     import ray
-    import torch
 
     from cluster.bootstrap import connect
     from deploy.settings import settings_from_args
@@ -349,20 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     c = settings.config
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": f".venv/bin/python -m benchmarks.overload {command}".strip(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), no GPU, "
-                       f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}",
-            "date": datetime.date.today().isoformat(), "model": Path(c.model).name, "layout": c.layout,
-            "expert_ranks": c.expert_ranks, "max_seqs": c.batching.max_seqs, "max_queue": c.batching.max_queue,
-            "max_wait_s": c.batching.max_wait_s, "max_tokens": args.max_tokens, "seconds": args.seconds,
-            "factor": args.factor, "unloaded_fraction": args.unloaded_fraction,
-            "unloaded_seconds": args.unloaded_seconds, "recovery_seconds": args.recovery_seconds,
-            "load_before": load_before, "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
-    section = markdown(result, meta)
-    print(section)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, **result}, indent=2))
+    meta.update(
+        model=Path(c.model).name, layout=c.layout, expert_ranks=c.expert_ranks,
+        max_seqs=c.batching.max_seqs, max_queue=c.batching.max_queue, max_wait_s=c.batching.max_wait_s,
+        max_tokens=args.max_tokens, seconds=args.seconds, factor=args.factor,
+        unloaded_fraction=args.unloaded_fraction, unloaded_seconds=args.unloaded_seconds,
+        recovery_seconds=args.recovery_seconds, load_before=load_before,
+        load_after=", ".join(f"{x:.1f}" for x in os.getloadavg()))
+    result_file.write(out, meta, result)
+    from benchmarks.results_md import render_result
+
+    print(render_result("overload", meta, result))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Time to recover from real faults while 16 requests decode on the shipped tiny model.
 
-    python -m benchmarks.recovery --repeats 3 --out benchmarks/results/recovery.json
+    python -m benchmarks.recovery --repeats 3      # writes benchmarks/results/recovery.json
 
 Scenarios, each on a fresh deployment (front-end + 2 expert ranks, gloo): no fault (the
 baseline), SIGKILL of an expert rank, SIGKILL of the front-end (its KV caches are lost:
@@ -17,7 +17,6 @@ failure took to notice and to recover from, and the wall time lost against the b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -29,9 +28,9 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from benchmarks import result_file
 from cluster.config import parse_config
 from cluster.coordinator import Deployment
-from cluster.tables import format_table
 from placement import build_plan
 from placement.plan import PlacementPlan
 from workers.model.checkpoint import Checkpoint
@@ -109,8 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--collective-timeout-s", type=float, default=5.0)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/recovery.json, with a "
+                                                 "part per non-default argument)")
     args = parser.parse_args(argv)
+    out = args.out or result_file.default_path("recovery", parser, args)
+    meta = result_file.run_meta("benchmarks.recovery", argv, args)
     ref = ReferenceEngine.from_pretrained(args.model, max_seqs=args.requests)
     prompts = prompts_for(ref.tokenizer, args.requests)
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         result["equal_reference"] = result.pop("outputs") == expected
         runs.append(result)
     baseline = statistics.median(r["wall_s"] for r in runs if r["scenario"] == "none") if "none" in scenarios else 0.0
-    rows, summary = [], {}
+    summary = {}
     for scenario in scenarios:
         mine = [r for r in runs if r["scenario"] == scenario]
         median = {k: statistics.median(r[k] for r in mine) for k in ("wall_s", "detect_s", "recover_s")}
@@ -133,17 +135,11 @@ def main(argv: list[str] | None = None) -> None:
                              "moved_bytes": mine[0]["moved_bytes"],
                              "degraded_steps": [r["degraded_steps"] for r in mine],
                              "restored_s": [r["restored_s"] for r in mine]}
-        s = summary[scenario]
-        restored = [r for r in s["restored_s"] if r is not None]
-        rows.append([scenario, f"{s['all_equal_reference']}", f"{s['detect_s']:.2f}", f"{s['recover_s']:.2f}",
-                     f"{statistics.median(restored):.2f}" if restored else "-",
-                     f"{s['wall_s']:.2f}", f"{s['lost_s']:+.2f}", str(s["replaced"])])
-    print(format_table(["fault", "tokens == reference", "noticed (s)", "serving again (s)", "full plan back (s)",
-                        "wall (s)", "lost (s)", "replaced"], rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-                                    "runs": runs}, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
+    data = {"summary": summary, "runs": runs}
+    result_file.write(out, meta, data)
+    from benchmarks.results_md import render_result
+
+    print(render_result("recovery", meta, data))
 
 
 if __name__ == "__main__":

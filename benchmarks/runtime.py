@@ -1,6 +1,6 @@
 """Reference engine vs. the distributed runtime (1, 2, 4 expert ranks), side by side.
 
-    python -m benchmarks.runtime --out benchmarks/results/runtime.json
+    python -m benchmarks.runtime        # writes benchmarks/results/runtime.json
 
 Same model, same prompts, same sampling (greedy) for every row; prefill and decode
 tokens/s and the time split per phase (attention, dispatch, experts, combine). Every row
@@ -10,7 +10,6 @@ also says whether it produced the reference's tokens. Runs on the embedded Ray.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import result_file
 from cluster.config import parse_config
 from cluster.coordinator import Deployment
-from cluster.tables import format_table
 from workers.engine import Engine
 from workers.model.decoder import MoEForCausalLM
 from workers.model.export import save_checkpoint
@@ -100,21 +99,6 @@ def bench_model(name: str, path: Path, ranks: list[int], batch: int, prompt_len:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    header = ["model", "engine", "ranks", "prefill tok/s", "decode tok/s", "decode vs ref", "attention",
-              "dispatch", "experts", "combine", "same tokens"]
-    out = []
-    for row in rows:
-        ref = next(r for r in rows if r["model"] == row["model"] and r["engine"] == "reference")
-        ph = row["decode_phase_seconds"]
-        total = sum(ph.values()) or 1.0
-        out.append([row["model"], row["engine"], row["ranks"] or "-", f"{row['prefill_tok_s']:.0f}",
-                    f"{row['decode_tok_s']:.1f}", f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x",
-                    *(f"{100 * ph[p] / total:.0f}%" for p in ("attention", "dispatch", "experts", "combine")),
-                    "yes" if row["same_tokens"] else "NO"])
-    return format_table(header, out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="1,2,4")
@@ -124,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-experts", type=int, default=32)
     parser.add_argument("--large-hidden", type=int, default=1024)
     parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/runtime.json, with a "
+                                                 "part per non-default argument)")
     args = parser.parse_args(argv)
+    out = args.out or result_file.default_path("runtime", parser, args)
+    meta = result_file.run_meta("benchmarks.runtime", argv, args)
     ranks = [int(r) for r in args.ranks.split(",")]
     models = [("tiny-moe", TINY)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=len(models) * (1 + len(ranks)), desc="runtime benchmark", file=sys.stderr) as progress:
             for name, path in models:
                 rows += bench_model(name, path, ranks, args.batch, args.prompt_len, args.new_tokens, progress)
-    print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps([{k: v for k, v in r.items() if k != "outputs"} for r in rows], indent=2))
+    data = {"rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}
+    result_file.write(out, meta, data)
+    from benchmarks.results_md import render_result
+
+    print(render_result("runtime", meta, data))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Serving overhead: the OpenAI HTTP endpoint (Ray Serve) against the runtime driven
 directly from Python, at 1, 8 and 32 concurrent streams.
 
-    python -m benchmarks.serving --config deploy/configs/tiny.yaml --results benchmarks/RESULTS.md
+    python -m benchmarks.serving --config deploy/configs/tiny.yaml    # writes benchmarks/results/serving.json
 
 Both paths run the same deployment config, prompts and sampling (greedy, ``--max-tokens``
 new tokens, end-of-sequence ignored so every request has the same length) as a closed
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchmarks import result_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):",
@@ -164,55 +164,6 @@ def _progress(row: dict) -> None:
           f"{row['output_tok_s']:.0f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms", file=sys.stderr, flush=True)
 
 
-# -- report -----------------------------------------------------------------------------
-def markdown(rows: list[dict], meta: dict) -> str:
-    head = "| streams | path | requests | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["streams"], r["path"])):
-        lines.append(f"| {r['streams']} | {r['path']} | {r['requests']} | {r['requests_s']:.2f} | "
-                     f"{r['output_tok_s']:.0f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
-                     f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |")
-    ratio = ["", "HTTP / direct:", "", "| streams | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",
-             "|---|---|---|---|---|---|---|"]
-    for streams in sorted({r["streams"] for r in rows}):
-        d = next(r for r in rows if r["streams"] == streams and r["path"] == "direct")
-        h = next(r for r in rows if r["streams"] == streams and r["path"] == "http")
-        cells = [h[k] / d[k] for k in ("requests_s", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-                                       "itl_p99_ms")]
-        ratio.append(f"| {streams} | " + " | ".join(f"{c:.2f}x" for c in cells) + " |")
-    return "\n".join([
-        "## Serving", "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; date {meta['date']}.  ",
-        f"Model: {meta['model']} ({meta['layout']}, front-end + {meta['expert_ranks']} expert ranks, "
-        f"max_seqs {meta['max_seqs']}), greedy, {meta['max_tokens']} new tokens per request (EOS ignored), "
-        f"{len(PROMPTS)} Python prompts in turn; closed loop, max({meta['min_requests']}, 2 x streams) requests "
-        "per row.", "", *lines, *ratio, "",
-        f"TTFT includes queueing: with more streams than the {meta['max_seqs']} KV slots, requests wait for "
-        "one. HTTP ITL is measured between SSE chunks (a chunk carries every token that arrived since the "
-        "previous one). The load generator, the Serve proxy and replica, and the three actors share the "
-        f"machine's cores (load average {meta['load_before']} before, {meta['load_after']} after), so the "
-        "numbers move by 10-20% from run to run.", "",
-        "Where the overhead comes from (by construction; not profiled): once per request, HTTP and JSON "
-        "through the Serve proxy, tokenising, and joining the batch at the next step boundary, where the "
-        "direct loop adds its requests just before a step (TTFT); once per token, each SSE chunk is handled "
-        "by the replica's event loop, the Serve proxy and the client, three more processes competing with "
-        "the actors for the 2 cores (ITL, throughput).", ""])
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Serving`` section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Serving"), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    path.write_text("\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n")
-                    + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "deploy" / "configs" / "tiny.yaml")
@@ -220,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--port", type=int, default=18321)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
-    parser.add_argument("--results", type=Path, help="write the '## Serving' section of this RESULTS.md")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/serving.json, with a "
+                                                 "part per non-default argument)")
+    parser.add_argument("--results", type=Path, help="then re-render the tables of this RESULTS.md from "
+                                                     "benchmarks/results (python -m benchmarks.results_md)")
     args = parser.parse_args(argv)
+    out = args.out or result_file.default_path("serving", parser, args, ignore=("port", "results"))
+    meta = result_file.run_meta("benchmarks.serving", argv, args)
     levels = [int(x) for x in args.levels.split(",")]
 
     import ray
-    import torch
 
     from cluster.bootstrap import connect
     from deploy.settings import settings_from_args
@@ -240,19 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     c = settings.config
-    meta = {"command": ".venv/bin/python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), no GPU, "
-                       f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}",
-            "date": datetime.date.today().isoformat(), "model": Path(c.model).name, "layout": c.layout,
-            "expert_ranks": c.expert_ranks, "max_seqs": c.batching.max_seqs, "max_tokens": args.max_tokens,
-            "min_requests": args.min_requests, "load_before": load_before,
-            "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
-    section = markdown(rows, meta)
-    print(section)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta.update(
+        model=Path(c.model).name, layout=c.layout, expert_ranks=c.expert_ranks,
+        max_seqs=c.batching.max_seqs, max_tokens=args.max_tokens, min_requests=args.min_requests,
+        prompts=len(PROMPTS), load_before=load_before, load_after=", ".join(f"{x:.1f}" for x in os.getloadavg()))
+    result_file.write(out, meta, {"rows": rows})
+    from benchmarks.results_md import render_result
+    from benchmarks.results_md.__main__ import main as render_results_md
+
+    print(render_result("serving", meta, {"rows": rows}))
     if args.results:
-        write_section(args.results, section)
+        render_results_md(["--results", str(args.results)])
     return 0
 
 

@@ -40,7 +40,8 @@ OPEN_ROUTES = ("/health",)  # the only routes that need no API key
 MAX_BODY_BYTES = 8 << 20
 ERRORS = {status: {"model": api.ErrorBody, "description": text} for status, text in (
     (400, "invalid request (OpenAI error object)"), (401, "missing or wrong API key"),
-    (404, "unknown model or route"), (429, "queue full; see Retry-After"), (503, "engine not serving"))}
+    (404, "unknown model or route"), (413, f"request body over {MAX_BODY_BYTES} bytes"),
+    (429, "queue full; see Retry-After"), (503, "engine not serving"))}
 STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}},
                   "description": "the response, or with stream=true Server-Sent Events ending in [DONE]"}}
 
@@ -190,11 +191,27 @@ class PlanChange(BaseModel):
     plan: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
 
 
+def _document_errors_as_served(app: FastAPI) -> None:
+    """The spec lists the errors the server answers: a request that fails validation gets
+    the 400 OpenAI error (``install_error_handlers``), never FastAPI's default 422."""
+    default = app.openapi
+
+    def openapi() -> dict:
+        schema = default()
+        for item in schema["paths"].values():
+            for operation in item.values():
+                operation["responses"].pop("422", None)
+        return schema
+
+    app.openapi = openapi
+
+
 def build_http_app(service: ModelService) -> FastAPI:
     app = FastAPI(title="raymoe", version="0.1.0",
                   description="OpenAI-compatible serving of a Mixture-of-Experts model on Ray (docs/serving.md)")
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, service=service)
+    _document_errors_as_served(app)
 
     @app.post("/v1/completions", responses={**STREAMED, **ERRORS})
     async def completions(body: api.CompletionRequest):
@@ -219,14 +236,15 @@ def build_http_app(service: ModelService) -> FastAPI:
         between the ranks between two steps; requests in flight carry on)."""
         return await service.set_plan(body.plan)
 
-    @app.get("/health", responses={503: {"description": "not ready: an actor or the engine loop is down"}})
+    @app.get("/health", responses={413: ERRORS[413], 503: {
+        "description": "not ready: an actor or the engine loop is down", "content": {"application/json": {}}}})
     async def health():
         h = await service.health()
         body = {"status": "ok" if h.ready else "unavailable", "actors": h.actors, "alive": h.alive,
                 "reason": h.reason or None}
         return JSONResponse(body, 200 if h.ready else 503)
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, responses={k: ERRORS[k] for k in (401, 413)})
     async def metrics():
         service.metrics.engine_up.set(1 if service.loop.running else 0)
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -3,13 +3,15 @@ size: the per-collective latency every expert-parallel row of the comparison pay
 (raymoe: 3 per MoE layer, DeepSpeed: 2 + an all_reduce). Rank 0 sends, the others receive,
 as in a disaggregated dispatch.
 
-    python -m benchmarks.baselines.probe
+    python -m benchmarks.baselines.probe      # writes benchmarks/results/probe.json
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,13 +60,25 @@ def all_to_all_latency(worlds: tuple[int, ...] = (2, 4, 5), repeats: int = 50) -
     return result
 
 
-def main() -> int:
-    from cluster.tables import format_table
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks import result_file
+    from benchmarks.results_md import render_result
 
-    latency = all_to_all_latency()
-    rows = [[world, *(f"{1e3 * t[n]:.2f}" for n in SIZES)] for world, t in latency.items()]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worlds", default="2,4,5", help="process counts")
+    parser.add_argument("--repeats", type=int, default=50, help="timed collectives per size")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/probe.json, with a part "
+                                                 "per non-default argument)")
+    args = parser.parse_args(argv)
+    out = args.out or result_file.default_path("probe", parser, args)
+    meta = result_file.run_meta("benchmarks.baselines.probe", argv, args)
+    worlds = tuple(int(w) for w in args.worlds.split(","))
+    latency = all_to_all_latency(worlds, args.repeats)
+    data = {"sizes": list(SIZES), "repeats": args.repeats,
+            "seconds": [{"processes": world, "by_bytes": {str(n): t[n] for n in SIZES}} for world, t in latency.items()]}
+    result_file.write(out, meta, data)
     print("gloo all_to_all_single, ms (rank 0 sends the bytes, split over the others)")
-    print(format_table(["processes", *(f"{n} B" for n in SIZES)], rows))
+    print(render_result("probe", meta, data))
     return 0
 
 

@@ -18,6 +18,7 @@ from cluster.coordinator import Deployment
 from cluster.process_group import destroy_group, free_port, init_group, pick_backend
 from placement.plan import build_plan
 from tests.tiny_models import save_tiny_model
+from workers.collectives import Collectives
 from workers.dispatch import weighted_experts
 from workers.expert_map import layer_maps
 from workers.model.batch import ForwardBatch
@@ -82,7 +83,7 @@ def test_cuda_reference_engine_generates_the_cpu_tokens(models, family):
 def test_dispatch_round_trip_on_nccl_world_one(dtype):
     """One rank is front-end and expert rank: dispatch -> experts -> combine through
     NCCL equals the experts applied directly."""
-    group = init_group("nccl", f"127.0.0.1:{free_port('127.0.0.1')}", 0, 1, 30.0)
+    group = Collectives(init_group("nccl", f"127.0.0.1:{free_port('127.0.0.1')}", 0, 1, 30.0))
     try:
         layer_map = layer_maps(build_plan("linear", num_layers=1, num_experts=16, num_ranks=1))[0].to("cuda")
         stack = full_stack(64, 48, dtype, torch.device("cuda"))

@@ -1,0 +1,45 @@
+"""Tables of ``benchmarks.runtime`` (reference engine vs runtime) and ``benchmarks.layouts``
+(disaggregated vs coherent, bytes per decoded token)."""
+
+from __future__ import annotations
+
+from benchmarks.results_md.source import Result
+from benchmarks.results_md.tables import md_table, pct
+
+RUNTIME_PHASES = ("attention", "dispatch", "experts", "combine")
+LAYOUT_BYTES = ("dispatch_bytes", "combine_bytes", "merge_bytes", "metadata_bytes", "coherence_bytes")
+
+
+def runtime_table(results: list[Result]) -> str:
+    """One row per (model, engine, ranks): tokens/s, decode against the reference, phase split."""
+    rows = results[0].rows
+    out = []
+    for row in rows:
+        ref = next(r for r in rows if r["model"] == row["model"] and r["engine"] == "reference")
+        phases = row["decode_phase_seconds"]
+        total = sum(phases.values())
+        out.append([row["model"], row["engine"], row["ranks"] or "-", f"{row['prefill_tok_s']:.0f}",
+                    f"{row['decode_tok_s']:.1f}", f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x",
+                    *(pct(phases[p], total) for p in RUNTIME_PHASES), "yes" if row["same_tokens"] else "NO"])
+    return md_table(["model", "engine", "ranks", "prefill tok/s", "decode tok/s", "decode vs ref", *RUNTIME_PHASES,
+                     "same tokens"], out)
+
+
+def layouts_table(results: list[Result]) -> str:
+    """One row per (layout, plan): bytes per decoded token by purpose, collectives, tok/s."""
+    result = results[0]
+    rows = result.rows
+    base = next(r for r in rows if r["layout"] == "disaggregated" and r["plan"] == "linear")["total_bytes_per_token"]
+    out = []
+    for r in rows:
+        stayed = r["stayed_fraction_per_layer"]
+        out.append([r["layout"], r["plan"], f"{r['total_bytes_per_token']:.0f}",
+                    f"{r['total_bytes_per_token'] / base:.2f}",
+                    *(f"{r['bytes_per_token'][k]:.0f}" for k in LAYOUT_BYTES),
+                    f"{r['token_collectives_per_layer']:.2f}", f"{r['other_collectives_per_step']:.1f}",
+                    f"{sum(stayed) / len(stayed):.0%}" if stayed else "-", f"{r['decode_tok_s']:.1f}",
+                    "yes" if r["same_tokens"] else "NO"])
+    ranks = rows[0]["ranks"]
+    return f"{ranks} ranks:\n\n" + md_table(
+        ["layout", "plan", "B/token", "x disagg+linear", "dispatch", "combine", "merge", "meta", "coherence",
+         "a2a/layer", "other coll/step", "stayed", "decode tok/s", "same tokens"], out)
