@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml requirements.lock tools/install_helm.py
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cluster.cli demo
+	$(PY) -m raymoe.deploy.cli demo
 
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -p no:cacheprovider

@@ -1,8 +1,8 @@
 """raymoe against what a user would run instead, side by side in one run: same checkpoint
 (so the same expert weights), same prompts, same number of expert ranks.
 
-    python -m benchmarks.compare --ranks 4
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m benchmarks.compare --ranks 4
+    python -m raymoe.benchmarks.compare --ranks 4
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m raymoe.benchmarks.compare --ranks 4
 
 Systems: raymoe's reference engine (1 process; its greedy tokens are the correctness
 reference), transformers ``generate`` (1 process), raymoe disaggregated with 1 rank and with
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks import result_file
-from benchmarks.baselines import deepspeed_ep
-from benchmarks.baselines.measure import RunResult, peak_rss_mb
+from raymoe.benchmarks import result_file
+from raymoe.benchmarks.baselines import deepspeed_ep
+from raymoe.benchmarks.baselines.measure import RunResult, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny-moe"
@@ -45,10 +45,10 @@ def make_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[in
 
 def system_factories(model: str, ranks: int, max_seqs: int, threads: int, policies: list[str]) -> list[tuple]:
     """(kind, label, factory, largest batch only?) for every system, in run order."""
-    from benchmarks.baselines.hf_transformers import TransformersSystem
-    from benchmarks.baselines.naive_ray import NaiveRaySystem
-    from benchmarks.baselines.raymoe_deployment import DeploymentSystem
-    from benchmarks.baselines.reference import ReferenceSystem
+    from raymoe.benchmarks.baselines.hf_transformers import TransformersSystem
+    from raymoe.benchmarks.baselines.naive_ray import NaiveRaySystem
+    from raymoe.benchmarks.baselines.raymoe_deployment import DeploymentSystem
+    from raymoe.benchmarks.baselines.reference import ReferenceSystem
 
     out = [
         ("reference", "raymoe reference", lambda: ReferenceSystem(model, max_seqs, threads), False),
@@ -77,7 +77,7 @@ def run_all(model: str, ranks: int, batches: list[int], prompt_len: int, new_tok
             repeats: int = 1) -> tuple[list[RunResult], list[str]]:
     """Every system at every batch, ``repeats`` times (the row is the fastest repeat; every
     repeat must give the reference's tokens); returns the rows and notes on what was skipped."""
-    from workers.model.checkpoint import Checkpoint
+    from raymoe.workers.model.checkpoint import Checkpoint
 
     vocab = Checkpoint(model).config.vocab_size
     pool = make_prompts(vocab, max(batches), prompt_len, seed)
@@ -160,7 +160,7 @@ def targets(rows: list[RunResult], ranks: int, batches: list[int]) -> list[str]:
 
 def model_shape(model: str, context: int) -> dict:
     """The dimensions the cost model needs (``benchmarks/cost_model.Shape`` fields)."""
-    from workers.model.checkpoint import Checkpoint
+    from raymoe.workers.model.checkpoint import Checkpoint
 
     c = Checkpoint(model).config
     return {"hidden": c.hidden_size, "expert_width": c.moe_intermediate_size, "experts": c.num_experts,
@@ -171,11 +171,11 @@ def model_shape(model: str, context: int) -> dict:
 def build_model(args, tmp: Path) -> tuple[str, str]:
     """The checkpoint directory and a description."""
     if args.model == "random":
-        from benchmarks.runtime import random_model
+        from raymoe.benchmarks.runtime import random_model
 
         path = random_model(tmp / "random", args.hidden, args.experts, args.layers, args.hidden)
         return str(path), (f"random Mixtral: hidden {args.hidden}, {args.experts} experts of width {args.hidden}, "
-                           f"top-2, {args.layers} layers, vocab 4096 (benchmarks.runtime.random_model, seed 0)")
+                           f"top-2, {args.layers} layers, vocab 4096 (raymoe.benchmarks.runtime.random_model, seed 0)")
     path = TINY if args.model == "tiny" else Path(args.model)
     return str(path), f"{path.name} ({path})"
 
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", default=str(RESULTS), help="directory for compare_*.png ('' for none)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("compare", parser, args, ignore=("budget_s", "address", "plots"))
-    from cluster.bootstrap import connect
-    from cluster.config import RayConfig
+    from raymoe.cluster.bootstrap import connect
+    from raymoe.cluster.config import RayConfig
 
     connect(RayConfig(address=args.address))
     batches = [int(b) for b in args.batches.split(",")]
@@ -218,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                               args.repeats)
     wall = time.perf_counter() - started
     meta = result_file.run_meta(
-        "benchmarks.compare", argv, args, cpu_cores=_cpus(), model=description, shape=shape,
+        "raymoe.benchmarks.compare", argv, args, cpu_cores=_cpus(), model=description, shape=shape,
         load_average=[round(load_start, 1), round(os.getloadavg()[0], 1)], ranks=args.ranks, batches=batches,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads_per_process=args.threads,
         repeats=args.repeats, wall_s=round(wall, 1), notes=notes)
     lines = targets(rows, args.ranks, batches)
     data = {"targets": lines, "rows": [r.to_json() for r in rows]}
     result_file.write(out, meta, data)
-    from benchmarks.results_md import render_result
+    from raymoe.benchmarks.results_md import render_result
 
     print(f"model: {description}; {args.ranks} ranks; prompts of {args.prompt_len} tokens, {args.new_tokens} new "
           f"tokens each; {args.threads} torch thread(s) per process; wall {wall:.0f} s")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if routing:  # the decode steps' expert ids, for benchmarks/cost_model.py
         np.savez_compressed(out.with_name(out.stem + "_routing.npz"), **routing)
     if args.plots:
-        from benchmarks.plots import draw_all
+        from raymoe.benchmarks.plots import draw_all
 
         for path in draw_all(rows, args.ranks, Path(args.plots)):
             print(f"wrote {path}", file=sys.stderr)

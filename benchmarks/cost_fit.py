@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks.cost_model import (PARAMS, PHASES, Hardware, Shape, bytes_moved, coherent, deepspeed,
+from raymoe.benchmarks.cost_model import (PARAMS, PHASES, Hardware, Shape, bytes_moved, coherent, deepspeed,
                                    disaggregated, features)
 
 def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12) -> np.ndarray:
@@ -102,7 +102,7 @@ def measured_rows(compare: dict, routing: dict) -> list[Measured]:
 
 def build_stages(m: Measured, shape: Shape) -> list[list]:
     """The stages of each decode step of a measured row (one node: loopback)."""
-    from placement import build_plan
+    from raymoe.placement import build_plan
 
     if m.layout == "deepspeed":
         node = np.zeros(m.ranks, dtype=int)

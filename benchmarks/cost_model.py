@@ -2,7 +2,7 @@
 routing trace and a placement plan imply, priced with an alpha-beta network model and a
 roofline compute model.
 
-    python -m benchmarks.cost_model            # check against the CPU runs, then project to GPUs
+    python -m raymoe.benchmarks.cost_model            # check against the CPU runs, then project to GPUs
 
 1. Check (same model, same ranks, same routing as ``benchmarks/compare.py``'s measured CPU
    runs): the CPU's alpha, beta, GEMM rate, memory bandwidth and fixed overheads are fitted
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks import result_file
+from raymoe.benchmarks import result_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = Path(__file__).with_name("cost_model.yaml")
@@ -393,8 +393,8 @@ def coherent(shape: Shape, plan, routing: np.ndarray, node: np.ndarray) -> list:
 # -- projection ------------------------------------------------------------------------
 def projection_trace(cfg: dict, shape: Shape):
     """(fit statistics, decode-ordered held-out routing ``[T, L, A]``) for the projection."""
-    from placement.metrics import decode_order
-    from placement.synthetic import skewed_markov_trace
+    from raymoe.placement.metrics import decode_order
+    from raymoe.placement.synthetic import skewed_markov_trace
 
     loads = np.load(cfg["loads"])
     trace = skewed_markov_trace(loads, int(cfg["trace_tokens"]), shape.top_k, float(cfg["affinity"]), seed=0,
@@ -406,8 +406,8 @@ def projection_trace(cfg: dict, shape: Shape):
 
 def projection_plan(policy: str, shape: Shape, ranks: int, nodes: int, stats, time_limit: float):
     """A plan of ``policy`` for ``ranks`` expert ranks on ``nodes`` nodes, and its label."""
-    from benchmarks.placement import redundant_for
-    from placement import LoadCapInfeasible, build_plan
+    from raymoe.benchmarks.placement import redundant_for
+    from raymoe.placement import LoadCapInfeasible, build_plan
 
     common = dict(num_layers=shape.layers, num_experts=shape.experts, num_ranks=ranks, num_nodes=nodes)
     if policy in ("linear", "round_robin"):
@@ -484,7 +484,7 @@ def load_config(path: Path) -> dict:
 
 
 def check_table(result: dict) -> str:
-    from cluster.tables import format_table
+    from raymoe.workers.tables import format_table
 
     rows = [[t["system"], t["batch"], t["phase"], f"{t['measured_ms']:.2f}", f"{t['predicted_ms']:.2f}",
              f"{100 * (t['predicted_ms'] - t['measured_ms']) / max(t['measured_ms'], 1e-9):+.0f}%",
@@ -496,7 +496,7 @@ def check_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.cost_fit import build_stages, check, error_summary, measured_rows  # fitting imports this module
+    from raymoe.benchmarks.cost_fit import build_stages, check, error_summary, measured_rows  # fitting imports this module
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=CONFIG)
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path(f"{args.measured.stem}_cost_model", parser, args,
                                                ignore=("measured", "plots"))
-    meta = result_file.run_meta("benchmarks.cost_model", argv, args)
+    meta = result_file.run_meta("raymoe.benchmarks.cost_model", argv, args)
     from tqdm import tqdm
 
     config = load_config(args.config)
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bytes/token {b['system']} @ {b['batch']}: measured {b['measured']:.0f}, "
                   f"simulated {b['predicted']:.0f}")
     else:
-        print(f"no measured runs at {args.measured}: run `python -m benchmarks.compare` first; projection only")
+        print(f"no measured runs at {args.measured}: run `python -m raymoe.benchmarks.compare` first; projection only")
     if not args.skip_projection:
         hw = gpu_from_config(config["gpu"])
         cfg = config["projection"]
@@ -546,12 +546,12 @@ def main(argv: list[str] | None = None) -> int:
             result["projection"] = project(config, hw, bar)
     result_file.write(out, meta, result)
     if "projection" in result:
-        from benchmarks.results_md import render_result
+        from raymoe.benchmarks.results_md import render_result
 
         print(f"PROJECTION (cost model, not a measurement): {hw.name}; model {config['model']}")
         print(render_result("cost_model.projection", meta, result))
     if args.plots:
-        from benchmarks.plots import cost_model_plots
+        from raymoe.benchmarks.plots import cost_model_plots
 
         for path in cost_model_plots(result, Path(args.plots)):
             print(f"wrote {path}", file=sys.stderr)

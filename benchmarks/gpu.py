@@ -1,9 +1,9 @@
 """The GPU path: the model core on CUDA against the CPU reference, the dispatch
 collectives on NCCL, and deployments on NCCL.
 
-    python -m benchmarks.gpu core --out $OUT/core.json
-    python -m benchmarks.gpu nccl --out $OUT/nccl.json
-    python -m benchmarks.gpu deployment --out $OUT/deployment.json
+    python -m raymoe.benchmarks.gpu core --out $OUT/core.json
+    python -m raymoe.benchmarks.gpu nccl --out $OUT/nccl.json
+    python -m raymoe.benchmarks.gpu deployment --out $OUT/deployment.json
 
 The ``nccl`` part lives in ``benchmarks/gpu_nccl.py`` (spawned processes, no Ray), the
 ``deployment`` part in ``benchmarks/gpu_deployment.py``. Each part records what failed
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import result_file
-from benchmarks.runtime import TINY, random_model
-from workers.model.checkpoint import load_model
-from workers.reference import ReferenceEngine
-from workers.runner import ModelRunner
-from workers.sampling import SamplingParams
-from workers.tokenizer import load_tokenizer
+from raymoe.benchmarks import result_file
+from raymoe.benchmarks.runtime import TINY, random_model
+from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.runner import ModelRunner
+from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -136,15 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.part == "core":
             result = bench_core(models, batches, args.dtypes.split(","), args.prompt_len, args.new_tokens)
         elif args.part == "nccl":
-            from benchmarks.gpu_nccl import bench_nccl
+            from raymoe.benchmarks.gpu_nccl import bench_nccl
 
             result = bench_nccl(args.backend, args.large_hidden, batches)
         else:
-            from benchmarks.gpu_deployment import bench_deployments
+            from raymoe.benchmarks.gpu_deployment import bench_deployments
 
             result = bench_deployments(models, batches, args.prompt_len, args.new_tokens)
     # attention on CUDA asks SDPA for flash / memory-efficient / math kernels, never cuDNN (workers/model/attention.py)
-    meta = result_file.run_meta("benchmarks.gpu", argv, args, bf16_attention="flash / efficient / math")
+    meta = result_file.run_meta("raymoe.benchmarks.gpu", argv, args, bf16_attention="flash / efficient / math")
     result_file.write(args.out, meta, {"rows": result}, default=str)
     return 0
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.gpu import compare, engine_on, prompts_for, timed_generate
-from cluster.config import parse_config
-from cluster.coordinator import Deployment
+from raymoe.benchmarks.gpu import compare, engine_on, prompts_for, timed_generate
+from raymoe.cluster.config import parse_config
+from raymoe.cluster.coordinator import Deployment
 
 # (name, layout, expert ranks, GPU share per actor, backend)
 CASES = [

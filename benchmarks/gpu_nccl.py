@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from cluster.process_group import destroy_group, free_port, init_group
-from placement.plan import build_plan
-from workers.collectives import Collectives
-from workers.dispatch import (
+from raymoe.workers.process_group import destroy_group, free_port, init_group
+from raymoe.placement.build import build_plan
+from raymoe.workers.collectives import Collectives
+from raymoe.workers.dispatch import (
     exchange_combine,
     exchange_dispatch,
     pack,
@@ -26,8 +26,8 @@ from workers.dispatch import (
     unpack_combine,
     weighted_experts,
 )
-from workers.expert_map import layer_maps
-from workers.model.experts import ExpertStack
+from raymoe.workers.expert_map import layer_maps
+from raymoe.workers.model.experts import ExpertStack
 
 EXPERTS, TOP_K = 16, 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

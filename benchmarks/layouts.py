@@ -1,7 +1,7 @@
 """Disaggregated vs. coherent layout, each with a linear and an affinity plan: bytes
 across ranks per decoded token (split by purpose), collectives per layer, decode tok/s.
 
-    python -m benchmarks.layouts --ranks 4      # writes benchmarks/results/layouts_r4.json
+    python -m raymoe.benchmarks.layouts --ranks 4      # writes benchmarks/results/layouts_r4.json
 
 The affinity plan is fitted on a routing trace recorded by the reference engine on one
 set of prompts (Python standard-library files) and every row is measured on another.
@@ -19,12 +19,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks import result_file
-from cluster.config import parse_config
-from cluster.coordinator import Deployment
-from placement import build_plan, load_trace
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams
+from raymoe.benchmarks import result_file
+from raymoe.cluster.config import parse_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.placement import build_plan, load_trace
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny-moe"
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "with a part per other non-default argument)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("layouts", parser, args, always={"ranks": "r"})
-    meta = result_file.run_meta("benchmarks.layouts", argv, args, model=args.model.name)
+    meta = result_file.run_meta("raymoe.benchmarks.layouts", argv, args, model=args.model.name)
     reference = ReferenceEngine.from_pretrained(args.model, max_seqs=args.batch)
     config = reference.model.config
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     data = {"plans": {k: p.objectives for k, p in plans.items()}, "rows": rows}
     result_file.write(out, meta, data)
-    from benchmarks.results_md import render_result
+    from raymoe.benchmarks.results_md import render_result
 
     print(render_result("layouts", meta, data))
     return 0

@@ -1,6 +1,6 @@
 """Overload: the OpenAI HTTP endpoint offered 4x the load it sustains, then relieved.
 
-    python -m benchmarks.overload --seconds 60
+    python -m raymoe.benchmarks.overload --seconds 60
 
 One command, loopback only, bounded in time. It starts Ray Serve on the embedded Ray with
 the shipped tiny model (``--config``, default deploy/configs/tiny.yaml; ``--max-wait-s``
@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import result_file
-from benchmarks.serving import PROMPTS, percentile
+from raymoe.benchmarks import result_file
+from raymoe.benchmarks.serving import PROMPTS, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,7 +228,7 @@ def scrape(base: str) -> dict:
 def run(settings, args) -> dict:
     from ray import serve
 
-    from deploy.server import app_for
+    from raymoe.deploy.server import app_for
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(app_for(settings), name="overload", route_prefix="/")
@@ -281,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  "part per non-default argument)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("overload", parser, args, ignore=("port",))
-    meta = result_file.run_meta("benchmarks.overload", argv, args)
+    meta = result_file.run_meta("raymoe.benchmarks.overload", argv, args)
 
     import ray
 
-    from cluster.bootstrap import connect
-    from deploy.settings import settings_from_args
+    from raymoe.cluster.bootstrap import connect
+    from raymoe.deploy.settings import settings_from_args
 
     settings = settings_from_args({"config": str(args.config)})
     batching = settings.config.batching
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         recovery_seconds=args.recovery_seconds, load_before=load_before,
         load_after=", ".join(f"{x:.1f}" for x in os.getloadavg()))
     result_file.write(out, meta, result)
-    from benchmarks.results_md import render_result
+    from raymoe.benchmarks.results_md import render_result
 
     print(render_result("overload", meta, result))
     return 0

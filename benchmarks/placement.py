@@ -1,19 +1,19 @@
 """Placement benchmark: every policy side by side on real loads and per-token traces.
 
-    .venv/bin/python -m benchmarks.placement [--trace tiny_trace.npz] [--ranks 4,8,16]
+    .venv/bin/python -m raymoe.benchmarks.placement [--trace tiny_trace.npz] [--ranks 4,8,16]
 
 * Qwen3-30B-A3B real loads (48 layers x 128 experts, top-8; aggregate counts only):
   aggregate imbalance of every policy at 4, 8 and 16 ranks.
 * Per-token traces: the tiny model's trace (``--trace``, default
   models/tiny-moe/trace_val.npz when it exists) and synthetic traces with Qwen3's
-  per-layer skew (``placement.synthetic.skewed_markov_trace``, affinity 0.3 and the
+  per-layer skew (``raymoe.placement.synthetic.skewed_markov_trace``, affinity 0.3 and the
   load-only null 0.0; 128 experts x 48 layers, the size of the < 30 s target). Plans
   are fitted on the first half of the requests and scored on the other half:
   cross-device fraction, imbalance, per-step imbalance of decode batches of 16, 64 and
   256 tokens, solve time.
 * MoGE: a MoGE-routed trace on the ``moge`` plan (imbalance must be exactly 1.0).
 
-Writes benchmarks/results/placement.json (``--out``); ``python -m benchmarks.results_md``
+Writes benchmarks/results/placement.json (``--out``); ``python -m raymoe.benchmarks.results_md``
 renders its tables into benchmarks/RESULTS.md.
 """
 
@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import result_file
-from placement.errors import LoadCapInfeasible
-from placement.metrics import imbalance_of, per_step_imbalance, rank_loads, score_plan
-from placement.moge import moge_route
-from placement.plan import PlacementPlan, build_plan
-from placement.synthetic import skewed_markov_trace
-from placement.trace import RoutingTrace, load_trace, trace_from_array
+from raymoe.benchmarks import result_file
+from raymoe.placement.errors import LoadCapInfeasible
+from raymoe.placement.metrics import imbalance_of, per_step_imbalance, rank_loads, score_plan
+from raymoe.placement.moge import moge_route
+from raymoe.placement.build import build_plan
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.synthetic import skewed_markov_trace
+from raymoe.placement.trace import RoutingTrace, load_trace, trace_from_array
 
 QWEN_LOADS = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen3-30b-a3b-loads" / "expert_loads.npy"
 TINY_TRACE = Path(__file__).resolve().parents[1] / "models" / "tiny-moe" / "trace_val.npz"
@@ -97,7 +98,7 @@ def build(policy: Policy, num_ranks: int, stats, redundant: int, num_nodes: int 
 
 def qwen_section(ranks: list[int], log) -> dict:
     """Aggregate imbalance of every policy on the real Qwen3 loads (fitted and scored on them)."""
-    from placement.trace import RoutingStats
+    from raymoe.placement.trace import RoutingStats
 
     loads = np.load(QWEN_LOADS)
     stats = RoutingStats.from_arrays(loads, top_k=8)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "part per non-default argument)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("placement", parser, args)
-    meta = result_file.run_meta("benchmarks.placement", argv, args)
+    meta = result_file.run_meta("raymoe.benchmarks.placement", argv, args)
     ranks = [int(r) for r in args.ranks.split(",")]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               "moge": moge_section()}
     result["wall_s"] = time.perf_counter() - started
     result_file.write(out, meta, result)
-    from benchmarks.results_md import render_result
+    from raymoe.benchmarks.results_md import render_result
 
     print(render_result("placement", meta, result))
     return 0

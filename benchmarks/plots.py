@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.baselines.measure import PHASES, RunResult
+from raymoe.benchmarks.baselines.measure import PHASES, RunResult
 
 
 def _save(plt, fig, path: Path) -> Path:

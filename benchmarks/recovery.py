@@ -1,6 +1,6 @@
 """Time to recover from real faults while 16 requests decode on the shipped tiny model.
 
-    python -m benchmarks.recovery --repeats 3      # writes benchmarks/results/recovery.json
+    python -m raymoe.benchmarks.recovery --repeats 3      # writes benchmarks/results/recovery.json
 
 Scenarios, each on a fresh deployment (front-end + 2 expert ranks, gloo): no fault (the
 baseline), SIGKILL of an expert rank, SIGKILL of the front-end (its KV caches are lost:
@@ -28,14 +28,14 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from benchmarks import result_file
-from cluster.config import parse_config
-from cluster.coordinator import Deployment
-from placement import build_plan
-from placement.plan import PlacementPlan
-from workers.model.checkpoint import Checkpoint
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams
+from raymoe.benchmarks import result_file
+from raymoe.cluster.config import parse_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.placement import build_plan
+from raymoe.placement.plan import PlacementPlan
+from raymoe.workers.model.checkpoint import Checkpoint
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny-moe"
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  "part per non-default argument)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("recovery", parser, args)
-    meta = result_file.run_meta("benchmarks.recovery", argv, args)
+    meta = result_file.run_meta("raymoe.benchmarks.recovery", argv, args)
     ref = ReferenceEngine.from_pretrained(args.model, max_seqs=args.requests)
     prompts = prompts_for(ref.tokenizer, args.requests)
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                              "restored_s": [r["restored_s"] for r in mine]}
     data = {"summary": summary, "runs": runs}
     result_file.write(out, meta, data)
-    from benchmarks.results_md import render_result
+    from raymoe.benchmarks.results_md import render_result
 
     print(render_result("recovery", meta, data))
 

@@ -3,7 +3,7 @@ produced it.
 
 Every benchmark writes ``{"meta": {...}, ...its data}``. ``meta`` holds the benchmark's
 name, the exact command line, the date, the machine, the package versions and the git
-commit, so a table rendered from the file (``python -m benchmarks.results_md``) can print
+commit, so a table rendered from the file (``python -m raymoe.benchmarks.results_md``) can print
 the command above it. Without ``--out`` the file is ``benchmarks/results/<stem>.json``,
 with one ``_<tag><value>`` part per argument in ``always`` and per other argument whose
 value differs from its default: ``layouts --ranks 2`` writes ``layouts_r2.json`` and
@@ -85,7 +85,7 @@ def _git_commit() -> str | None:
 
 
 def run_meta(module: str, argv: list[str] | None, args: argparse.Namespace | None = None, **extra) -> dict:
-    """What produced a result: ``module`` is the benchmark's module (``benchmarks.layouts``),
+    """What produced a result: ``module`` is the benchmark's module (``raymoe.benchmarks.layouts``),
     ``argv`` its arguments (``None``: this process's); ``extra`` goes in as it is."""
     argv = sys.argv[1:] if argv is None else list(argv)
     python = ".venv/bin/python" if Path(sys.prefix).name == ".venv" else "python"  # the project's venv, or not

@@ -1,6 +1,6 @@
 """Reference engine vs. the distributed runtime (1, 2, 4 expert ranks), side by side.
 
-    python -m benchmarks.runtime        # writes benchmarks/results/runtime.json
+    python -m raymoe.benchmarks.runtime        # writes benchmarks/results/runtime.json
 
 Same model, same prompts, same sampling (greedy) for every row; prefill and decode
 tokens/s and the time split per phase (attention, dispatch, experts, combine). Every row
@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import result_file
-from cluster.config import parse_config
-from cluster.coordinator import Deployment
-from workers.engine import Engine
-from workers.model.decoder import MoEForCausalLM
-from workers.model.export import save_checkpoint
-from workers.model.families import parse_config as parse_model_config
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams
+from raymoe.benchmarks import result_file
+from raymoe.cluster.config import parse_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.workers.engine import Engine
+from raymoe.workers.model.decoder import MoEForCausalLM
+from raymoe.workers.model.export import save_checkpoint
+from raymoe.workers.model.families import parse_config as parse_model_config
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny-moe"
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "part per non-default argument)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("runtime", parser, args)
-    meta = result_file.run_meta("benchmarks.runtime", argv, args)
+    meta = result_file.run_meta("raymoe.benchmarks.runtime", argv, args)
     ranks = [int(r) for r in args.ranks.split(",")]
     models = [("tiny-moe", TINY)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_model(name, path, ranks, args.batch, args.prompt_len, args.new_tokens, progress)
     data = {"rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}
     result_file.write(out, meta, data)
-    from benchmarks.results_md import render_result
+    from raymoe.benchmarks.results_md import render_result
 
     print(render_result("runtime", meta, data))
     return 0

@@ -1,7 +1,7 @@
 """Serving overhead: the OpenAI HTTP endpoint (Ray Serve) against the runtime driven
 directly from Python, at 1, 8 and 32 concurrent streams.
 
-    python -m benchmarks.serving --config deploy/configs/tiny.yaml    # writes benchmarks/results/serving.json
+    python -m raymoe.benchmarks.serving --config deploy/configs/tiny.yaml    # writes benchmarks/results/serving.json
 
 Both paths run the same deployment config, prompts and sampling (greedy, ``--max-tokens``
 new tokens, end-of-sequence ignored so every request has the same length) as a closed
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import result_file
+from raymoe.benchmarks import result_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):",
@@ -123,8 +123,8 @@ async def run_http(base_url: str, model: str, prompts: list[str], streams: int, 
 
 # -- the two sides ----------------------------------------------------------------------
 def bench_direct(config, prompt_texts: list[str], levels, min_requests: int, max_tokens: int) -> list[dict]:
-    from cluster.coordinator import Deployment
-    from workers.sampling import SamplingParams
+    from raymoe.cluster.coordinator import Deployment
+    from raymoe.workers.sampling import SamplingParams
 
     rows = []
     with Deployment(config) as engine:
@@ -141,7 +141,7 @@ def bench_direct(config, prompt_texts: list[str], levels, min_requests: int, max
 def bench_http(settings, prompt_texts: list[str], levels, min_requests: int, max_tokens: int, port: int) -> list[dict]:
     from ray import serve
 
-    from deploy.server import app_for
+    from raymoe.deploy.server import app_for
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_for(settings), name="bench", route_prefix="/")
@@ -174,16 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/serving.json, with a "
                                                  "part per non-default argument)")
     parser.add_argument("--results", type=Path, help="then re-render the tables of this RESULTS.md from "
-                                                     "benchmarks/results (python -m benchmarks.results_md)")
+                                                     "benchmarks/results (python -m raymoe.benchmarks.results_md)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("serving", parser, args, ignore=("port", "results"))
-    meta = result_file.run_meta("benchmarks.serving", argv, args)
+    meta = result_file.run_meta("raymoe.benchmarks.serving", argv, args)
     levels = [int(x) for x in args.levels.split(",")]
 
     import ray
 
-    from cluster.bootstrap import connect
-    from deploy.settings import settings_from_args
+    from raymoe.cluster.bootstrap import connect
+    from raymoe.deploy.settings import settings_from_args
 
     settings = settings_from_args({"config": str(args.config)})
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         max_seqs=c.batching.max_seqs, max_tokens=args.max_tokens, min_requests=args.min_requests,
         prompts=len(PROMPTS), load_before=load_before, load_after=", ".join(f"{x:.1f}" for x in os.getloadavg()))
     result_file.write(out, meta, {"rows": rows})
-    from benchmarks.results_md import render_result
-    from benchmarks.results_md.__main__ import main as render_results_md
+    from raymoe.benchmarks.results_md import render_result
+    from raymoe.benchmarks.results_md.__main__ import main as render_results_md
 
     print(render_result("serving", meta, {"rows": rows}))
     if args.results:

@@ -1,10 +1,10 @@
 """Train the tiny Mixtral-family MoE that ships with raymoe (``models/tiny-moe``).
 
-    python -m benchmarks.train_tiny_moe --out models/tiny-moe --max-minutes 14
+    python -m raymoe.benchmarks.train_tiny_moe --out models/tiny-moe --max-minutes 14
 
 End to end on 2 CPU cores, stopped by wall time: a byte-level BPE tokenizer and a small
 MoE, both trained on the Python standard library's own source (present on every
-machine), built from raymoe's ``workers.model`` modules; then held-out evaluation, a
+machine), built from raymoe's ``raymoe.workers.model`` modules; then held-out evaluation, a
 routing trace, inter-layer expert affinity, greedy samples, the Hugging Face export and
 a model card (README.md).
 
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from workers.model.batch import ForwardBatch
-from workers.model.decoder import MoEForCausalLM
-from workers.model.export import save_checkpoint
-from workers.model.families import parse_config
-from workers.model.router import Routing
-from workers.trace import TraceRecorder
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.decoder import MoEForCausalLM
+from raymoe.workers.model.export import save_checkpoint
+from raymoe.workers.model.families import parse_config
+from raymoe.workers.model.router import Routing
+from raymoe.workers.trace import TraceRecorder
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Held-out modules: present in every CPython >= 3.9, about 95 KB of source together.
@@ -130,7 +130,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
-    """``tokenizer.json`` plus the ``tokenizer_config.json`` that ``workers.tokenizer`` reads."""
+    """``tokenizer.json`` plus the ``tokenizer_config.json`` that ``raymoe.workers.tokenizer`` reads."""
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
@@ -402,8 +402,8 @@ def load_imbalance(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
 def generate_samples(out: Path, model: MoEForCausalLM, max_new_tokens: int) -> tuple[list[tuple[str, str]], float]:
     """Greedy completions of ``PROMPTS`` from the exported checkpoint (``ReferenceEngine``),
     and the largest |logit| difference between the export and the in-memory model."""
-    from workers.reference import ReferenceEngine
-    from workers.sampling import SamplingParams
+    from raymoe.workers.reference import ReferenceEngine
+    from raymoe.workers.sampling import SamplingParams
 
     engine = ReferenceEngine.from_pretrained(out, max_seqs=len(PROMPTS))
     probe = ForwardBatch.build([list(range(3, 67)), list(range(100, 140))], [0, 0])
@@ -476,7 +476,7 @@ def model_card(r: dict) -> str:
         "# tiny-moe", "",
         "A tiny Mixtral-family mixture-of-experts language model of Python source, trained from scratch "
         "on CPU in minutes by `benchmarks/train_tiny_moe.py` with raymoe's own model code "
-        "(`workers.model`). It exists to exercise raymoe end to end (loading, serving, routing traces, "
+        "(`raymoe.workers.model`). It exists to exercise raymoe end to end (loading, serving, routing traces, "
         "placement) with real, trained routing; it is not a useful code model.", "",
         "## Architecture", "",
         f"- Mixtral (`model_type: mixtral`): {c['num_hidden_layers']} decoder layers, all MoE; hidden "
@@ -488,7 +488,7 @@ def model_card(r: dict) -> str:
         f"- Parameters: {r['params_total']:,} total, {r['params_active']:,} active per token.",
         f"- `model.safetensors`: float32, {r['weights_bytes'] / 1e6:.1f} MB, Hugging Face Mixtral tensor "
         "names (per-expert `model.layers.{l}.block_sparse_moe.experts.{e}.w1/w3/w2.weight`), written by "
-        "`workers.model.export.save_checkpoint`; `load_model` of it gives the trained model's logits "
+        "`raymoe.workers.model.export.save_checkpoint`; `load_model` of it gives the trained model's logits "
         f"(max |diff| {r['export_diff']:.1e}) and transformers' `MixtralForCausalLM` matches them within "
         "1e-5 (`tests/unit/test_tiny_model.py`).", "",
         "## Data", "",
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "phases": {}, "threads": args.threads, "top_k": args.top_k, "torch": torch.__version__,
                     "python": sys.version.split()[0],
-                    "command": "python -m benchmarks.train_tiny_moe " + " ".join(sys.argv[1:] if argv is None else argv)}
+                    "command": "python -m raymoe.benchmarks.train_tiny_moe " + " ".join(sys.argv[1:] if argv is None else argv)}
     model, val = run_training(args, t0, report)
     # Step 4: held-out loss and routing trace in one pass; export.
     start = time.time()

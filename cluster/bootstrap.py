@@ -8,8 +8,8 @@ import os
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from cluster.config import DeploymentConfigError, RayConfig
-from cluster.multinode import describe_missing
+from raymoe.cluster.config import DeploymentConfigError, RayConfig
+from raymoe.cluster.multinode import describe_missing
 
 EPSILON = 1e-6  # Ray counts resources in units of 1e-4: 3 x 0.1 CPU fits in 0.3
 FIELDS = {"CPU": "resources.cpus_per_actor", "GPU": "resources.gpus_per_actor"}  # bundle key -> config field

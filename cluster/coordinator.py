@@ -17,22 +17,22 @@ import torch
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.bootstrap import cluster_gpus, connect, create_placement_group
-from cluster.config import DeploymentConfig, DeploymentConfigError
-from cluster.multinode import bundle_label_selectors, check_pinning
-from cluster.process_group import pick_backend
-from cluster.recovery import Recovering, Recovery, StepFailure, wait_all
-from workers.coherent import CoherentRank
-from workers.engine import Engine
-from workers.expert_map import layer_maps, without_ranks
-from workers.experts import ExpertWorker
-from workers.frontend import FrontEnd
-from workers.model.checkpoint import Checkpoint
-from workers.reference import eos_ids
-from workers.scheduler import Scheduler
-from workers.stats import LayerTraffic, RuntimeStats, StepStats
-from workers.step import StepInput, StepOutput
-from workers.tokenizer import load_tokenizer
+from raymoe.cluster.bootstrap import cluster_gpus, connect, create_placement_group
+from raymoe.cluster.config import DeploymentConfig, DeploymentConfigError
+from raymoe.cluster.multinode import bundle_label_selectors, check_pinning
+from raymoe.workers.process_group import pick_backend
+from raymoe.cluster.recovery import Recovering, Recovery, StepFailure, wait_all
+from raymoe.workers.coherent import CoherentRank
+from raymoe.workers.engine import Engine
+from raymoe.workers.expert_map import layer_maps, without_ranks
+from raymoe.workers.experts import ExpertWorker
+from raymoe.workers.frontend import FrontEnd
+from raymoe.workers.model.checkpoint import Checkpoint
+from raymoe.workers.reference import eos_ids
+from raymoe.workers.scheduler import Scheduler
+from raymoe.workers.stats import LayerTraffic, RuntimeStats, StepStats
+from raymoe.workers.step import StepInput, StepOutput
+from raymoe.workers.tokenizer import load_tokenizer
 
 log = logging.getLogger("raymoe")
 
@@ -41,7 +41,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_plan(config: DeploymentConfig, num_moe_layers: int, num_experts: int):
     """The placement plan the config asks for, checked against the model."""
-    from placement.plan import PlacementPlan, build_plan
+    from raymoe.placement.build import build_plan
+    from raymoe.placement.plan import PlacementPlan
 
     if config.placement.plan:
         plan = PlacementPlan.load(config.placement.plan)
@@ -56,7 +57,7 @@ def check_plan(plan, expert_ranks: int, num_moe_layers: int, num_experts: int) -
     for name, have, want in (("num_ranks", plan.num_ranks, expert_ranks), ("num_layers", plan.num_layers, num_moe_layers),
                              ("num_experts", plan.num_experts, num_experts)):
         if have != want:
-            raise DeploymentConfigError(f"placement.plan ({name})", have,
+            raise DeploymentConfigError(f"raymoe.placement.plan ({name})", have,
                                         f"the deployment needs {want}; rebuild the plan with `raymoe plan`")
 
 
@@ -239,7 +240,7 @@ class Deployment(Recovering, Engine):
         check_pinning(self.config, plan)
         if self.config.ray.node_label and bundle_label_selectors(plan, self.config.layout, self.config.ray.node_label) \
                 != bundle_label_selectors(self.plan, self.config.layout, self.config.ray.node_label):
-            raise DeploymentConfigError("placement.plan", "nodes", "a live plan change keeps every rank on its node; "
+            raise DeploymentConfigError("raymoe.placement.plan", "nodes", "a live plan change keeps every rank on its node; "
                                         "redeploy to move ranks between nodes")
         self.restore()  # a fallback in progress ends first: every rank holds its own experts again
         started = time.perf_counter()

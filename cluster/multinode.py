@@ -16,7 +16,7 @@ Without ``ray.node_label`` nothing is pinned and ranks spread over nodes by
 
 from __future__ import annotations
 
-from cluster.config import DeploymentConfig, DeploymentConfigError
+from raymoe.cluster.config import DeploymentConfig, DeploymentConfigError
 
 Selector = dict[str, str]
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError
 
-from workers.expert_map import without_ranks
-from workers.step import StepInput
+from raymoe.workers.expert_map import without_ranks
+from raymoe.workers.step import StepInput
 
 log = logging.getLogger("raymoe")
 

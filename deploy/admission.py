@@ -16,7 +16,7 @@ budget. Steps are turned into seconds with the measured step time. Sequences tha
 early (end-of-sequence, stop strings) free their slots sooner, so the estimate errs
 toward refusing.
 
-Pure functions (no engine, no clock): ``deploy.engine_loop`` calls them on its thread.
+Pure functions (no engine, no clock): ``raymoe.deploy.engine_loop`` calls them on its thread.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from workers.engine import QueueFullError
-from workers.scheduler import Scheduler
+from raymoe.workers.engine import QueueFullError
+from raymoe.workers.scheduler import Scheduler
 
 STEP_EWMA = 0.1  # weight of the newest step in the moving average of the step time
 

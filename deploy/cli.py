@@ -1,174 +1,232 @@
-"""``raymoe serve``: start the Serve application on the embedded Ray (or the config's
-cluster), print its URLs, serve until Ctrl-C / SIGTERM, drain, then shut everything down.
+"""The ``raymoe`` command line.
 
-    python -m deploy.cli --config deploy/configs/tiny.yaml [--port 8000] [--grpc-port 9000]
-
-``add_arguments(parser)`` and ``run(args)`` are what ``cluster/cli.py`` wires up as the
-``serve`` subcommand. The URL goes to stdout, logs to stderr. On a cluster it joined
-(``ray.address`` or ``RAY_ADDRESS``) it removes only its own application when it stops.
-
-Exposure: HTTP binds 127.0.0.1 unless ``--host`` says otherwise; gRPC is off unless
-``--grpc-port`` is given, because Ray Serve's gRPC proxy (2.60) always listens on every
-interface. The embedded Ray starts without its dashboard.
-
-Stopping (SIGTERM or Ctrl-C): new requests get a 503 (``server_shutting_down``); the ones
-in flight run to their end for up to ``--drain-timeout-s`` seconds, after which they are
-failed with a 503; then the application is deleted and Ray stopped, exit status 0. A
-second signal skips what is left of the drain.
+Generated text goes to stdout; logs, tables and statistics go to stderr, so two runs
+can be compared with ``diff``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
+import dataclasses
 import sys
-import threading
 import time
 from pathlib import Path
 
+import torch
+
+from raymoe.cluster.config import DeploymentConfigError
+from raymoe.workers.tables import format_expert_load
+from raymoe.placement.errors import PlanError
+from raymoe.workers.model.errors import RaymoeModelError
+from raymoe.workers.sampling import SamplingParams, SamplingParamsError
+from raymoe.workers.scheduler import RequestError
+
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = ROOT / "deploy" / "configs" / "tiny.yaml"
-PROXY_TIMEOUT_MARGIN_S = 30.0  # Serve's proxies give up this long after the replica's own deadline
-DRAIN_POLL_S = 0.2
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"raymoe deployment YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--grpc-port", type=int, default=None,
-                        help="serve gRPC on this port, on ALL interfaces (Ray Serve's gRPC proxy cannot bind one "
-                             "address); default: no gRPC")
-    parser.add_argument("--no-grpc", action="store_true", help="serve HTTP only (the default without --grpc-port)")
-    parser.add_argument("--model-name", help="the name clients send as 'model' (default: the model directory's)")
-    parser.add_argument("--api-key-env", default="RAYMOE_API_KEY",
-                        help="environment variable holding the API key; unset or empty: no key "
-                             "(default RAYMOE_API_KEY)")
-    parser.add_argument("--app-name", default="raymoe", help="Serve application name (gRPC 'application' metadata)")
-    parser.add_argument("--request-timeout-s", type=float, default=300.0,
-                        help="deadline of every request, from its arrival; past it the request is aborted and the "
-                             "client gets a 504 / DEADLINE_EXCEEDED (default 300)")
-    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
-                        help="on SIGTERM / Ctrl-C, how long the requests in flight may run on before they are "
-                             "failed with a 503 (default 30)")
+DEFAULT_MODEL = ROOT / "models" / "tiny-moe"
+DEMO_CONFIG = ROOT / "deploy" / "configs" / "tiny.yaml"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEMO_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):"]
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class Signals:
-    """Counts SIGINT / SIGTERM: the first asks to stop, a second to stop at once."""
-
-    def __init__(self):
-        self.count = 0
-        self.first, self.second = threading.Event(), threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.count += 1
-        (self.first if self.count == 1 else self.second).set()
-
-    def wait(self) -> None:
-        while not self.first.wait(1.0):
-            pass
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
 
 
-def grpc_enabled(args: argparse.Namespace) -> bool:
-    return args.grpc_port is not None and not args.no_grpc
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
-def _start(args: argparse.Namespace, settings) -> None:
-    from ray import serve
-
-    from cluster.bootstrap import connect
-    from deploy.server import GRPC_SERVICER, app_for
-
-    connect(settings.config.ray)
-    proxy_timeout_s = settings.request_timeout_s + PROXY_TIMEOUT_MARGIN_S  # only if the replica itself hangs
-    grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER],
-                    "request_timeout_s": proxy_timeout_s} if grpc_enabled(args) else None
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": proxy_timeout_s},
-                grpc_options=grpc_options)
-    serve.run(app_for(settings), name=args.app_name, route_prefix="/", blocking=False)
-
-
-def drain(app_name: str, timeout_s: float, skip: threading.Event) -> None:
-    """Refuse new requests, wait up to ``timeout_s`` for those in flight, fail the rest (503)."""
-    from ray import serve
-
-    handle = serve.get_app_handle(app_name)
-    started = time.monotonic()
-    left = handle.start_draining.remote().result(timeout_s=30)
-    _log(f"raymoe serve: stopping: new requests are refused (503); {left} in flight, "
-         f"draining for up to {timeout_s:g}s")
-    while left and time.monotonic() - started < timeout_s and not skip.is_set():
-        time.sleep(DRAIN_POLL_S)
-        left = handle.in_flight.remote().result(timeout_s=30)
-    if left:
-        failed = handle.fail_in_flight.remote(
-            f"the server is shutting down and its drain deadline ({timeout_s:g}s) passed").result(timeout_s=30)
-        _log(f"raymoe serve: drain deadline: failed {failed} requests still in flight (503)")
-    else:
-        _log(f"raymoe serve: drained in {time.monotonic() - started:.1f}s")
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text: reference engine, or the distributed runtime with --config")
+    p.add_argument("--config", type=Path, help="deployment YAML: run on the distributed runtime (Ray)")
+    p.add_argument("--model", type=Path, help=f"model directory (default: the config's, else {DEFAULT_MODEL.name})")
+    p.add_argument("--ranks", type=int, help="override the config's expert_ranks")
+    p.add_argument("--layout", choices=["disaggregated", "coherent"], help="override the config's layout")
+    p.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of the config's "
+                                     "ray.address / RAY_ADDRESS / embedded Ray")
+    p.add_argument("--plan", type=Path, help="placement plan file from `raymoe plan` (overrides the config)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch)")
+    p.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    p.add_argument("--prompt-ids", action="append", default=[],
+                   help="a prompt as comma-separated token ids (repeatable); prints token ids back")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the config's, else float32")
+    p.add_argument("--moge-groups", type=int, default=None, help="route with MoGE over this many expert groups")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together (reference engine)")
+    p.add_argument("--record-trace", type=Path, help="write the routing trace (.npz, see docs/formats.md)")
+    p.add_argument("--expert-load", action="store_true", help="print the per-layer expert load to stderr")
+    p.add_argument("--stats", action="store_true", help="print the runtime statistics table to stderr")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
 
 
-def run(args: argparse.Namespace) -> int:
-    from cluster.config import DeploymentConfigError
-    from deploy.settings import ServeArgsError, settings_from_args
-    from workers.model.errors import RaymoeModelError
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in args.prompt_file.read_text().splitlines()
+                    if line.strip()]
+    if not prompts and not args.prompt_ids:
+        raise RequestError("prompt", None, "at least one --prompt, --prompt-ids or a --prompt-file")
+    return prompts
 
-    app_args = {"config": str(args.config), "api_key_env": args.api_key_env,
-                "request_timeout_s": args.request_timeout_s, "drain_timeout_s": args.drain_timeout_s}
-    if args.model_name:
-        app_args["model_name"] = args.model_name
+
+def _token_prompts(args: argparse.Namespace) -> list[list[int]]:
     try:
-        settings = settings_from_args(app_args)
-        from workers.model.checkpoint import Checkpoint  # torch: only once the arguments are good
+        return [[int(t) for t in p.split(",")] for p in args.prompt_ids]
+    except ValueError:
+        raise RequestError("prompt-ids", args.prompt_ids, "comma-separated integers, e.g. 1,2,3") from None
 
-        Checkpoint(settings.config.model, settings.config.moge_groups)  # a bad checkpoint fails here, before Ray
-    except (DeploymentConfigError, ServeArgsError, RaymoeModelError) as exc:
-        _log(f"raymoe serve: error: {exc}")
-        return 2
-    import ray
-    from ray import serve
-    from ray.serve.exceptions import RayServeException
 
-    joined = bool(settings.config.ray.address or os.environ.get("RAY_ADDRESS"))  # a cluster we must leave as is
+def deployment_config(args: argparse.Namespace):
+    """The config file with the command line's overrides applied."""
+    from raymoe.cluster.config import load_config
+
+    config = load_config(args.config)
+    changes = {"model": str(args.model)} if args.model else {}
+    if args.ranks is not None:
+        changes["expert_ranks"] = args.ranks
+    if args.layout:
+        changes["layout"] = args.layout
+    if args.address:
+        changes["ray"] = dataclasses.replace(config.ray, address=args.address)
+    if args.dtype:
+        changes["dtype"] = args.dtype
+    if args.moge_groups is not None:
+        changes["moge_groups"] = args.moge_groups
+    if args.plan:
+        changes["placement"] = dataclasses.replace(config.placement, plan=str(args.plan))
+    return config.replace(**changes)
+
+
+def open_engine(args: argparse.Namespace):
+    """The distributed runtime when --config is given, else the reference engine."""
+    if args.config:
+        from raymoe.cluster.coordinator import Deployment
+
+        config = deployment_config(args)
+        ranks = f"{config.expert_ranks} ranks" if config.layout == "coherent" else \
+            f"front-end + {config.expert_ranks} expert ranks"
+        _log(f"starting {config.layout} deployment: {ranks} ({config.ray.address or 'embedded Ray'})")
+        return Deployment(config)
+    from raymoe.workers.reference import ReferenceEngine
+
+    return ReferenceEngine.from_pretrained(args.model or DEFAULT_MODEL, DTYPES[args.dtype or "float32"],
+                                           args.moge_groups, max_seqs=args.max_seqs)
+
+
+def run_generation(args: argparse.Namespace, prompts: list[str]) -> int:
+    started = time.perf_counter()
+    engine = open_engine(args)
     try:
-        _start(args, settings)
-        signals = Signals()
-        base = f"http://{args.host}:{args.port}"
-        grpc = f"port {args.grpc_port} (all interfaces: Ray Serve's gRPC proxy)" if grpc_enabled(args) else \
-            "off (--grpc-port to serve it)"
-        print(f"raymoe: serving '{settings.model_name}' at {base}/v1 (OpenAI API; {base}/health, {base}/metrics), "
-              f"gRPC {grpc}{'; API key required' if settings.api_key else ''}", flush=True)
-        signals.wait()
-        try:
-            drain(args.app_name, settings.drain_timeout_s, signals.second)
-        except Exception as exc:  # the replica is gone or stuck: stop anyway
-            _log(f"raymoe serve: could not drain ({exc!r}); stopping")
-        return 0
-    except (RaymoeModelError, RuntimeError) as exc:
-        _log(f"raymoe serve: error: {exc}")
-        return 1
+        config = engine.model_config if args.config else engine.model.config
+        if args.record_trace or args.expert_load:
+            engine.record_trace(True)
+        _log(f"ready in {time.perf_counter() - started:.1f}s: {config.family}, {config.num_layers} layers, "
+             f"{config.num_experts} experts, top-{config.top_k}")
+        started = time.perf_counter()
+        params = _sampling_params(args)
+        token_prompts = _token_prompts(args)
+        completions = engine.generate_ids(token_prompts, params) if token_prompts else engine.generate(prompts, params)
+        elapsed = time.perf_counter() - started
+        for prompt, completion in zip(prompts or token_prompts, completions):
+            if token_prompts:
+                print(",".join(map(str, completion.output_ids)))
+            else:
+                print(prompt + (completion.text or ""))
+                print()
+        generated = sum(len(c.output_ids) for c in completions)
+        _log(f"{len(completions)} sequences, {generated} new tokens in {elapsed:.2f}s "
+             f"({generated / elapsed:.1f} tok/s)")
+        if args.record_trace:
+            _log(f"routing trace: {args.record_trace} ({engine.save_trace(args.record_trace)} tokens)")
+        if args.expert_load:
+            _log(format_expert_load(engine.expert_loads(), config.moe_layer_ids))
+        if args.stats:
+            _log(engine.stats.table(config.moe_layer_ids))
     finally:
-        if ray.is_initialized():
-            with contextlib.suppress(RayServeException):  # Serve never started
-                serve.delete(args.app_name)  # waits for the replica's last responses to leave it
-            if not joined:  # on a cluster we joined, Serve and the cluster stay up
-                serve.shutdown()
-            ray.shutdown()
+        if args.config:
+            engine.shutdown()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return run_generation(args, _prompts(args))
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the shipped tiny model on the distributed runtime (embedded Ray)")
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    argv = ["generate", "--config", str(args.config), "--max-new-tokens", str(args.max_new_tokens),
+            "--expert-load", "--stats"] + [a for p in DEMO_PROMPTS for a in ("--prompt", p)]
+    _log("raymoe demo: the tiny MoE trained on Python's standard library, greedy decoding, "
+         "front-end + expert ranks on the embedded Ray")
+    return run_generation(parser.parse_args(argv), DEMO_PROMPTS)
+
+
+def _add_plan(sub) -> None:
+    from raymoe.placement import cli as plan_cli
+
+    p = sub.add_parser("plan", help="plan expert placement from a routing trace or loads")
+    plan_cli.add_arguments(p)
+    p.set_defaults(func=plan_cli.run)
+
+
+def _add_serve(sub) -> None:
+    from raymoe.deploy import serve_cli
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and gRPC through Ray Serve")
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.run)
+
+
+def _add_k8s(sub) -> None:
+    from raymoe.deploy.k8s import render as k8s
+
+    p = sub.add_parser("k8s", help="render and check KubeRay manifests (RayService, RayJob) for a deployment")
+    k8s.add_arguments(p)
+    p.set_defaults(func=k8s.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raymoe", description="Distributed expert-parallel MoE serving on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_plan(sub)
+    _add_serve(sub)
+    _add_k8s(sub)
+    _add_demo(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raymoe serve", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RaymoeModelError, SamplingParamsError, RequestError, DeploymentConfigError, PlanError) as exc:
+        _log(f"raymoe: error: {exc}")
+        return 2
+    except RuntimeError as exc:
+        bootstrap = sys.modules.get("raymoe.cluster.bootstrap")  # not imported yet (no Ray): not a ClusterError
+        if bootstrap is None or not isinstance(exc, bootstrap.ClusterError):
+            raise
+        _log(f"raymoe: error: {exc}")  # the cluster has the resources, but they were not free in time
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
-from deploy import openai_api as api
-from deploy.errors import invalid
-from deploy.prompts import Limits
-from deploy.service import ModelService, Piece
-from workers.sampling import SamplingParams
+from raymoe.deploy import openai_api as api
+from raymoe.deploy.errors import invalid
+from raymoe.deploy.prompts import Limits
+from raymoe.deploy.service import ModelService, Piece
+from raymoe.workers.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ an inbox, then runs one step over every running sequence (continuous batching) a
 hands each request its new token. Requests from HTTP, gRPC and Python callers all join
 the same batch; none waits for another to finish.
 
-Admission (``deploy.admission``): before a request joins the engine's queue the loop
+Admission (``raymoe.deploy.admission``): before a request joins the engine's queue the loop
 checks the queue limit (``batching.max_queue``) and, when ``max_wait_s`` is set, the
 request's expected wait for a KV slot (from the queued token budgets and the measured step
 time); a refused request gets a ``QueueFullError`` (HTTP 429) with a Retry-After.
@@ -31,9 +31,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Union
 
-from deploy.admission import STEP_EWMA, AdmissionPolicy, refusal
-from workers.engine import Completion, Engine
-from workers.sampling import SamplingParams
+from raymoe.deploy.admission import STEP_EWMA, AdmissionPolicy, refusal
+from raymoe.workers.engine import Completion, Engine
+from raymoe.workers.sampling import SamplingParams
 
 log = logging.getLogger("raymoe.serve")
 

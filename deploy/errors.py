@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from workers.engine import QueueFullError
-from workers.sampling import SamplingParamsError
-from workers.scheduler import RequestError
+from raymoe.workers.engine import QueueFullError
+from raymoe.workers.sampling import SamplingParamsError
+from raymoe.workers.scheduler import RequestError
 
 # engine field name -> the OpenAI request field a client sent
 ENGINE_TO_API_FIELD = {"max_new_tokens": "max_tokens", "prompt": "prompt", "stop": "stop", "seed": "seed",

@@ -17,12 +17,12 @@ from contextlib import aclosing
 
 from pydantic import ValidationError
 
-from deploy import openai_api as api
-from deploy.completions import Submission, plan_completion
-from deploy.errors import CLIENT_CLOSED, APIError, from_validation_errors, invalid
-from deploy.grpc_stubs import UndecodableRequest
-from deploy.grpc_stubs import raymoe_pb2 as pb
-from deploy.service import ModelService
+from raymoe.deploy import openai_api as api
+from raymoe.deploy.completions import Submission, plan_completion
+from raymoe.deploy.errors import CLIENT_CLOSED, APIError, from_validation_errors, invalid
+from raymoe.deploy.grpc_stubs import UndecodableRequest
+from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
+from raymoe.deploy.service import ModelService
 
 
 def _optional(request, name: str):

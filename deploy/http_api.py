@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from deploy import openai_api as api
-from deploy.completions import (
+from raymoe.deploy import openai_api as api
+from raymoe.deploy.completions import (
     Submission,
     chunks,
     open_stream,
@@ -29,9 +29,9 @@ from deploy.completions import (
     plan_completion,
     respond,
 )
-from deploy.errors import CLIENT_CLOSED, APIError, from_validation_errors, invalid
-from deploy.metrics import CONTENT_TYPE_LATEST
-from deploy.service import ModelService
+from raymoe.deploy.errors import CLIENT_CLOSED, APIError, from_validation_errors, invalid
+from raymoe.deploy.metrics import CONTENT_TYPE_LATEST
+from raymoe.deploy.service import ModelService
 
 log = logging.getLogger("raymoe.serve")
 

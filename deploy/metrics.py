@@ -17,8 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from deploy.admission import WaitTooLongError
-from workers.engine import Completion, Engine, StepResult
+from raymoe.deploy.admission import WaitTooLongError
+from raymoe.workers.engine import Completion, Engine, StepResult
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

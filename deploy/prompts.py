@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deploy.chat import ChatRenderer, ChatTemplateError
-from deploy.errors import APIError, from_engine_error, invalid
-from workers.sampling import SamplingParams, SamplingParamsError
-from workers.tokenizer import Tokenizer
+from raymoe.deploy.chat import ChatRenderer, ChatTemplateError
+from raymoe.deploy.errors import APIError, from_engine_error, invalid
+from raymoe.workers.sampling import SamplingParams, SamplingParamsError
+from raymoe.workers.tokenizer import Tokenizer
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy; top_p values below it are raised to it
 

@@ -2,8 +2,8 @@
 expert-rank actors) and serves it over HTTP (OpenAI API) and gRPC.
 
     serve run deploy/serve_config.yaml                 # or: serve deploy ...
-    serve run deploy.server:build_app config=deploy/configs/tiny.yaml
-    python -m deploy.cli --config deploy/configs/tiny.yaml   # `raymoe serve`
+    serve run raymoe.deploy.server:build_app config=deploy/configs/tiny.yaml
+    python -m raymoe.deploy.serve_cli --config deploy/configs/tiny.yaml   # `raymoe serve`
 
 ``build_app(args)`` is the Serve application builder; its arguments are read once, at the
 edge, by ``deploy/settings.py``.
@@ -15,17 +15,17 @@ import logging
 
 from ray import serve
 
-from deploy import grpc_service
-from deploy.engine_loop import EngineLoop
-from deploy.http_api import build_http_app
-from deploy.metrics import ServingMetrics
-from deploy.prompts import PromptEncoder
-from deploy.service import ModelService
-from deploy.settings import ServeArgs, ServeArgsError, ServerSettings, settings_from_args  # noqa: F401 (re-exported)
+from raymoe.deploy import grpc_service
+from raymoe.deploy.engine_loop import EngineLoop
+from raymoe.deploy.http_api import build_http_app
+from raymoe.deploy.metrics import ServingMetrics
+from raymoe.deploy.prompts import PromptEncoder
+from raymoe.deploy.service import ModelService
+from raymoe.deploy.settings import ServeArgs, ServeArgsError, ServerSettings, settings_from_args  # noqa: F401 (re-exported)
 
 log = logging.getLogger("raymoe.serve")
 
-GRPC_SERVICER = "deploy.grpc_stubs.add_RaymoeServiceServicer_to_server"
+GRPC_SERVICER = "raymoe.deploy.grpc_stubs.add_RaymoeServiceServicer_to_server"
 HEADROOM_REQUESTS = 64  # Serve requests a replica takes beyond the engine's slots + queue (health, metrics)
 
 
@@ -37,7 +37,7 @@ class RaymoeServer:
     proxy calls ``Generate`` and ``GenerateStream`` by name."""
 
     def __init__(self, settings: ServerSettings):
-        from cluster.coordinator import Deployment
+        from raymoe.cluster.coordinator import Deployment
 
         config = settings.config
         self.engine = Deployment(config)  # Ray is already up in a replica: this joins it
@@ -85,7 +85,7 @@ class RaymoeServer:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Serve's application builder (``import_path: deploy.server:build_app``)."""
+    """Serve's application builder (``import_path: raymoe.deploy.server:build_app``)."""
     return app_for(settings_from_args(args))
 
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from cluster.config import DeploymentConfigError
-from deploy.engine_loop import (
+from raymoe.cluster.config import DeploymentConfigError
+from raymoe.deploy.engine_loop import (
     EngineLoop,
     EngineStoppedError,
     Event,
@@ -27,7 +27,7 @@ from deploy.engine_loop import (
     RequestStream,
     TokenEvent,
 )
-from deploy.errors import (
+from raymoe.deploy.errors import (
     APIError,
     deadline_exceeded,
     from_engine_error,
@@ -37,14 +37,14 @@ from deploy.errors import (
     unauthorized,
     unavailable,
 )
-from deploy.metrics import ServingMetrics
-from deploy.prompts import PromptEncoder
-from deploy.text_stream import TextStream
-from placement.errors import PlanError
-from placement.plan import PlacementPlan
-from workers.engine import QueueFullError
-from workers.sampling import SamplingParams
-from workers.scheduler import RequestError
+from raymoe.deploy.metrics import ServingMetrics
+from raymoe.deploy.prompts import PromptEncoder
+from raymoe.deploy.text_stream import TextStream
+from raymoe.placement.errors import PlanError
+from raymoe.placement.plan import PlacementPlan
+from raymoe.workers.engine import QueueFullError
+from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.scheduler import RequestError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.config import DeploymentConfig, load_config
+from raymoe.cluster.config import DeploymentConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 Each new token re-decodes the request's output and releases the part that can no longer
 change: text ending in an incomplete UTF-8 character (decoded as U+FFFD) waits for the
 next token, and so does a tail that could be the start of a stop string (the final
-text is cut before the first stop string, ``workers.engine.finish_text``).
+text is cut before the first stop string, ``raymoe.workers.engine.finish_text``).
 """
 
 from __future__ import annotations

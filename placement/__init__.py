@@ -1,11 +1,12 @@
 """Expert placement planning: arrays in, plan out (never imports ray, torch.distributed
 or grpc). See placement/README.md for the policies, the plan format and the CLI."""
 
-from placement.errors import (ConfigError, LoadCapInfeasible, PlacementError, PlanError, SolverError,
+from raymoe.placement.errors import (ConfigError, LoadCapInfeasible, PlacementError, PlanError, SolverError,
                               TraceError)
-from placement.metrics import PlanScore, StepImbalance, score_plan
-from placement.plan import Layout, PlacementPlan, build_plan
-from placement.trace import RoutingStats, RoutingTrace, load_stats, load_trace, trace_from_array
+from raymoe.placement.metrics import PlanScore, StepImbalance, score_plan
+from raymoe.placement.build import build_plan
+from raymoe.placement.plan import Layout, PlacementPlan
+from raymoe.placement.trace import RoutingStats, RoutingTrace, load_stats, load_trace, trace_from_array
 
 __all__ = [
     "ConfigError", "Layout", "LoadCapInfeasible", "PlacementError", "PlacementPlan", "PlanError", "PlanScore",

@@ -8,7 +8,7 @@ logical expert sits on the rank). Solvers maximise the *kept mass*
 
 (T = transitions, C = co-activation, w = ``coactivation_weight``, cnt = replicas,
 R(i) = ranks holding i), which is ``total * (1 - cross-device fraction)`` plus the
-weighted kept co-activation of ``placement.metrics``. Constraints: exact slot counts
+weighted kept co-activation of ``raymoe.placement.metrics``. Constraints: exact slot counts
 ``capacity[l, r]``, ``cnt_l[e]`` replicas on distinct ranks, and optionally every
 rank's load <= ``max_rank_load[l]`` (load split evenly over replicas).
 
@@ -23,10 +23,10 @@ from functools import cached_property
 
 import numpy as np
 
-from placement.errors import ConfigError
-from placement.plan import Layout
-from placement.replicate import replicate_experts
-from placement.trace import RoutingStats
+from raymoe.placement.errors import ConfigError
+from raymoe.placement.plan import Layout
+from raymoe.placement.replicate import replicate_experts
+from raymoe.placement.trace import RoutingStats
 
 
 @dataclass(frozen=True, eq=False)

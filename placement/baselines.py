@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.affinity import slot_capacity
-from placement.plan import Layout
+from raymoe.placement.affinity import slot_capacity
+from raymoe.placement.plan import Layout
 
 
 def linear_layout(num_layers: int, num_experts: int, num_ranks: int) -> Layout:

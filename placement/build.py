@@ -26,19 +26,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.affinity import (AffinityProblem, SolveResult, layout_from_presence, load_lower_bound,
+from raymoe.placement.affinity import (AffinityProblem, SolveResult, layout_from_presence, load_lower_bound,
                                 make_problem)
-from placement.baselines import linear_layout, round_robin_layout
-from placement.errors import ConfigError, LoadCapInfeasible, SolverError
-from placement.hierarchical import solve_hierarchical
-from placement.metrics import (coactivation_split_fraction, cross_device_fraction, imbalance_of,
+from raymoe.placement.baselines import linear_layout, round_robin_layout
+from raymoe.placement.errors import ConfigError, LoadCapInfeasible, SolverError
+from raymoe.placement.hierarchical import solve_hierarchical
+from raymoe.placement.metrics import (coactivation_split_fraction, cross_device_fraction, imbalance_of,
                                inter_node_fraction, rank_loads)
-from placement.moge import moge_layout
-from placement.plan import Layout, PlacementPlan
-from placement.replicate import rebalance_experts, refine_balance
-from placement.solve_exact import model_size, solve_exact
-from placement.solve_heuristic import solve_heuristic
-from placement.trace import RoutingStats, RoutingTrace
+from raymoe.placement.moge import moge_layout
+from raymoe.placement.plan import Layout, PlacementPlan
+from raymoe.placement.replicate import rebalance_experts, refine_balance
+from raymoe.placement.solve_exact import model_size, solve_exact
+from raymoe.placement.solve_heuristic import solve_heuristic
+from raymoe.placement.trace import RoutingStats, RoutingTrace
 
 EXACT_MAX_COLUMNS = 4000          # solver="auto" picks the MILP up to this many columns
 EXACT_HARD_LIMIT = 1_000_000     # solver="exact" refuses larger models (memory)
@@ -199,7 +199,7 @@ _POLICIES = {"linear": _linear, "round_robin": _round_robin, "moge": _moge, "epl
 
 
 def measured_objectives(plan: PlacementPlan, stats: RoutingStats | None, loads: np.ndarray | None) -> dict:
-    """The metrics of ``placement.metrics`` that the inputs allow, as plain floats."""
+    """The metrics of ``raymoe.placement.metrics`` that the inputs allow, as plain floats."""
     out = {}
     pres = plan.presence
     if stats is not None and stats.transitions is not None and stats.transitions.sum() > 0:
@@ -229,10 +229,20 @@ def _enforce_cap(plan: PlacementPlan, inp: BuildInputs) -> None:
                             f"Policy {plan.policy!r} does not balance to the cap. ")
 
 
-def build(policy: str, *, num_layers: int, num_experts: int, num_ranks: int, num_nodes: int = 1,
-          loads=None, trace=None, num_redundant: int = 0, load_cap: float | None = None,
-          **kwargs) -> PlacementPlan:
-    """See ``placement.plan.build_plan``."""
+def build_plan(policy: str, *, num_layers: int, num_experts: int, num_ranks: int, num_nodes: int = 1,
+               loads: np.ndarray | None = None, trace=None, num_redundant: int = 0,
+               load_cap: float | None = None, **kwargs) -> PlacementPlan:
+    """Build a plan with any policy; the one entry point the CLI and the runtime use.
+
+    policy: ``linear``, ``round_robin``, ``moge``, ``eplb`` or ``affinity``.
+    loads: [layers, experts] expert loads (defaults to the trace's loads).
+    trace: ``RoutingStats`` (or a ``RoutingTrace``, reduced to its stats).
+    num_redundant: extra slots for replicas of hot experts (``eplb``, ``affinity``).
+    load_cap: max rank load / mean rank load allowed in every layer; checked for every
+        policy (LoadCapInfeasible with the proven bound when it is not met).
+    kwargs: policy options (see placement/README.md), e.g. ``solver``, ``time_limit``,
+        ``coactivation_weight``, ``hierarchical``, ``num_groups``, ``refine``.
+    """
     if policy not in _POLICIES:
         raise ConfigError("policy", policy, "unknown policy", f"use one of {', '.join(POLICIES)}")
     inp = _check_inputs(num_layers, num_experts, num_ranks, num_nodes, loads, trace, num_redundant, load_cap)

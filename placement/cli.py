@@ -7,7 +7,7 @@
 Prints, for the new plan next to ``linear`` and ``round_robin`` on the same data:
 cross-device and inter-node fraction, max/mean rank load (mean and worst layer, then
 per layer), balancedness, slots per rank, solve time, and per-step imbalance of decode
-batches when per-token routing is available. Standalone: ``python -m placement.cli``.
+batches when per-token routing is available. Standalone: ``python -m raymoe.placement.cli``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import argparse
 import sys
 import time
 
-from placement.errors import PlacementError
-from placement.metrics import score_plan
-from placement.plan import PlacementPlan, build_plan
-from placement.report import ScoredPlan, format_layers, format_table, plot_plan
-from placement.trace import RoutingStats, RoutingTrace, load_stats, load_trace
+from raymoe.placement.errors import PlacementError
+from raymoe.placement.metrics import score_plan
+from raymoe.placement.build import build_plan
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.report import ScoredPlan, format_layers, format_table, plot_plan
+from raymoe.placement.trace import RoutingStats, RoutingTrace, load_stats, load_trace
 
 POLICY_CHOICES = ("affinity", "eplb", "moge", "linear", "round_robin")
 

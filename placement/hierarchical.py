@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from placement.affinity import AffinityProblem, SolveResult, replica_counts, score, slot_capacity
-from placement.errors import ConfigError, LoadCapInfeasible
+from raymoe.placement.affinity import AffinityProblem, SolveResult, replica_counts, score, slot_capacity
+from raymoe.placement.errors import ConfigError, LoadCapInfeasible
 
 Solver = Callable[[AffinityProblem], SolveResult]
 

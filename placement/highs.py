@@ -15,7 +15,7 @@ from importlib.metadata import version
 
 import highspy
 
-from placement.errors import SolverError
+from raymoe.placement.errors import SolverError
 
 THREADS = 1  # one thread per solve, in every solver of this package (see the module doc)
 

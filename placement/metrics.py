@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.plan import PlacementPlan
-from placement.trace import RoutingStats, RoutingTrace
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.trace import RoutingStats, RoutingTrace
 
 
 @dataclass(frozen=True)

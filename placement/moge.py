@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.errors import ConfigError, TraceError
-from placement.plan import Layout
+from raymoe.placement.errors import ConfigError, TraceError
+from raymoe.placement.plan import Layout
 
 
 def _check_groups(num_experts: int, num_ranks: int, num_groups: int) -> None:

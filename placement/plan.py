@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import yaml
 
-from placement.errors import PlanError
+from raymoe.placement.errors import PlanError
 
 PLAN_VERSION = 1
 
@@ -253,24 +253,3 @@ def _plain(value):
     if value is None or isinstance(value, str):
         return value
     raise PlanError("params/objectives", repr(value), "not a plain YAML value", "use numbers, strings, lists")
-
-
-def build_plan(policy: str, *, num_layers: int, num_experts: int, num_ranks: int, num_nodes: int = 1,
-               loads: np.ndarray | None = None, trace=None, num_redundant: int = 0,
-               load_cap: float | None = None, **kwargs) -> PlacementPlan:
-    """Build a plan with any policy; the one entry point the CLI and the runtime use.
-
-    policy: ``linear``, ``round_robin``, ``moge``, ``eplb`` or ``affinity``.
-    loads: [layers, experts] expert loads (defaults to the trace's loads).
-    trace: ``RoutingStats`` (or a ``RoutingTrace``, reduced to its stats).
-    num_redundant: extra slots for replicas of hot experts (``eplb``, ``affinity``).
-    load_cap: max rank load / mean rank load allowed in every layer; checked for every
-        policy (LoadCapInfeasible with the proven bound when it is not met).
-    kwargs: policy options (see placement/README.md), e.g. ``solver``, ``time_limit``,
-        ``coactivation_weight``, ``hierarchical``, ``num_groups``, ``refine``.
-    """
-    from placement.build import build  # the policies import this module
-
-    return build(policy, num_layers=num_layers, num_experts=num_experts, num_ranks=num_ranks,
-                 num_nodes=num_nodes, loads=loads, trace=trace, num_redundant=num_redundant,
-                 load_cap=load_cap, **kwargs)

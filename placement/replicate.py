@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.errors import ConfigError
+from raymoe.placement.errors import ConfigError
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.metrics import PlanScore, imbalance_of, rank_loads, replica_share
-from placement.plan import PlacementPlan
-from placement.trace import RoutingStats
+from raymoe.placement.metrics import PlanScore, imbalance_of, rank_loads, replica_share
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.trace import RoutingStats
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,6 +1,6 @@
 """Exact affinity solver: the placement as a mixed-integer program, solved by HiGHS.
 
-Variables (``T~ = T / cnt``, ``C~ = w * C / min cnt``, see ``placement.affinity``):
+Variables (``T~ = T / cnt``, ``C~ = w * C / min cnt``, see ``raymoe.placement.affinity``):
 
     x[l, e, r] in {0, 1}      a replica of expert e of layer l sits on rank r
     z[l, i, j, r] in [0, 1]   = x[l, i, r] * x[l+1, j, r]   (all pairs i, j)
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
-from placement.affinity import AffinityProblem, SolveResult, load_lower_bound, score
-from placement.errors import LoadCapInfeasible, SolverError
-from placement.highs import new_solver, run
+from raymoe.placement.affinity import AffinityProblem, SolveResult, load_lower_bound, score
+from raymoe.placement.errors import LoadCapInfeasible, SolverError
+from raymoe.placement.highs import new_solver, run
 
 
 @dataclass

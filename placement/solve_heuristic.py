@@ -31,12 +31,12 @@ import highspy
 import numpy as np
 from tqdm import tqdm
 
-from placement.affinity import (AffinityProblem, SolveResult, inter_gain, layer_score, load_lower_bound,
+from raymoe.placement.affinity import (AffinityProblem, SolveResult, inter_gain, layer_score, load_lower_bound,
                                 overload, rank_load, score)
-from placement.errors import LoadCapInfeasible, SolverError
-from placement.highs import new_solver, run
-from placement.metrics import imbalance_of
-from placement.replicate import balanced_packing
+from raymoe.placement.errors import LoadCapInfeasible, SolverError
+from raymoe.placement.highs import new_solver, run
+from raymoe.placement.metrics import imbalance_of
+from raymoe.placement.replicate import balanced_packing
 
 _REL_TOL = 1e-9
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.trace import RoutingTrace
+from raymoe.placement.trace import RoutingTrace
 
 
 def _gumbel_topk(log_p: np.ndarray, top_k: int, rng: np.random.Generator) -> np.ndarray:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.errors import TraceError
+from raymoe.placement.errors import TraceError
 
 
 @dataclass(frozen=True, eq=False)

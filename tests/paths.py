@@ -3,7 +3,7 @@ data), never outside it. Missing data makes the test that needs it fail, not ski
 
 from pathlib import Path
 
-from cluster.k8s import DEFAULT_CRDS
+from raymoe.deploy.k8s.render import DEFAULT_CRDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

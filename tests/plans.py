@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.plan import PlacementPlan
+from raymoe.placement.plan import PlacementPlan
 
 
 def random_plan(num_experts: int, ranks: int, redundant: int, seed: int, layers: int = 1) -> PlacementPlan:

@@ -100,9 +100,9 @@ def save_planted_affinity_model(path: Path, num_experts: int = 4, layers: int = 
     (almost) the embedding; layer l's router is layer 0's with its rows permuted, with
     large margins. Returns ``perms`` (``perms[0]`` is the identity).
     """
-    from workers.model.decoder import MoEForCausalLM
-    from workers.model.export import save_checkpoint
-    from workers.model.families import parse_config
+    from raymoe.workers.model.decoder import MoEForCausalLM
+    from raymoe.workers.model.export import save_checkpoint
+    from raymoe.workers.model.families import parse_config
 
     config = parse_config({"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
                            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -17,18 +17,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.coherent_cache import CoherentKVCache
-from workers.coherent_moe import CoherentMoE, Hosted
-from workers.expert_map import LayerMap
-from workers.experts import load_expert_stacks
-from workers.model.attention import cache_shapes
-from workers.model.batch import ForwardBatch
-from workers.model.checkpoint import Checkpoint, load_model
-from workers.rank import RankActor
-from workers.replan import MoveStats, move_experts
-from workers.sampling import sample
-from workers.stats import LayerTraffic
-from workers.step import StepInput
+from raymoe.workers.coherent_cache import CoherentKVCache
+from raymoe.workers.coherent_moe import CoherentMoE, Hosted
+from raymoe.workers.expert_map import LayerMap
+from raymoe.workers.experts import load_expert_stacks
+from raymoe.workers.model.attention import cache_shapes
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.checkpoint import Checkpoint, load_model
+from raymoe.workers.rank import RankActor
+from raymoe.workers.replan import MoveStats, move_experts
+from raymoe.workers.sampling import sample
+from raymoe.workers.stats import LayerTraffic
+from raymoe.workers.step import StepInput
 
 
 @dataclass

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.collectives import Collectives
-from workers.dispatch import pack_parts, unpack_parts
-from workers.model.kv_cache import KVCache
+from raymoe.workers.collectives import Collectives
+from raymoe.workers.dispatch import pack_parts, unpack_parts
+from raymoe.workers.model.kv_cache import KVCache
 
 
 class CoherentKVCache(KVCache):

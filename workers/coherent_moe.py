@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.collectives import Collectives
-from workers.dispatch import pack_parts, unpack_parts, weighted_experts
-from workers.expert_map import LayerMap
-from workers.model.experts import ExpertStack
-from workers.stats import LayerTraffic
+from raymoe.workers.collectives import Collectives
+from raymoe.workers.dispatch import pack_parts, unpack_parts, weighted_experts
+from raymoe.workers.expert_map import LayerMap
+from raymoe.workers.model.experts import ExpertStack
+from raymoe.workers.stats import LayerTraffic
 
 
 @dataclass

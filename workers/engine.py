@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.model.errors import CheckpointError
-from workers.sampling import SamplingParams
-from workers.scheduler import Request, Scheduler, Sequence
-from workers.step import SeqStep, StepInput, StepOutput
-from workers.tokenizer import Tokenizer
+from raymoe.workers.model.errors import CheckpointError
+from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.scheduler import Request, Scheduler, Sequence
+from raymoe.workers.step import SeqStep, StepInput, StepOutput
+from raymoe.workers.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ import time
 
 import torch
 
-from workers.dispatch import exchange_combine, exchange_dispatch, row_bytes, run_experts
-from workers.expert_map import LayerMap
-from workers.model.checkpoint import Checkpoint
-from workers.model.experts import ExpertStack
-from workers.rank import RankActor
-from workers.replan import MoveStats, move_experts
-from workers.stats import LayerTraffic
-from workers.step import WorkerStepStats
+from raymoe.workers.dispatch import exchange_combine, exchange_dispatch, row_bytes, run_experts
+from raymoe.workers.expert_map import LayerMap
+from raymoe.workers.model.checkpoint import Checkpoint
+from raymoe.workers.model.experts import ExpertStack
+from raymoe.workers.rank import RankActor
+from raymoe.workers.replan import MoveStats, move_experts
+from raymoe.workers.stats import LayerTraffic
+from raymoe.workers.step import WorkerStepStats
 
 
 def load_expert_stacks(ckpt: Checkpoint, maps: list[LayerMap], expert_rank: int, dtype: torch.dtype,

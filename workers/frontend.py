@@ -11,16 +11,16 @@ import time
 
 import torch
 
-from workers.collectives import Collectives
-from workers.dispatch import exchange_combine, exchange_dispatch, pack, unpack_combine
-from workers.expert_map import LayerMap
-from workers.model.checkpoint import load_model
-from workers.model.router import Routing
-from workers.rank import RankActor
-from workers.replan import MoveStats, move_experts
-from workers.runner import ModelRunner
-from workers.stats import LayerTraffic, StepStats
-from workers.step import StepInput, StepOutput
+from raymoe.workers.collectives import Collectives
+from raymoe.workers.dispatch import exchange_combine, exchange_dispatch, pack, unpack_combine
+from raymoe.workers.expert_map import LayerMap
+from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.model.router import Routing
+from raymoe.workers.rank import RankActor
+from raymoe.workers.replan import MoveStats, move_experts
+from raymoe.workers.runner import ModelRunner
+from raymoe.workers.stats import LayerTraffic, StepStats
+from raymoe.workers.step import StepInput, StepOutput
 
 
 class DispatchingExperts:

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from cluster.process_group import destroy_group, free_port, init_group, node_ip
-from workers.collectives import Collectives
+from raymoe.workers.process_group import destroy_group, free_port, init_group, node_ip
+from raymoe.workers.collectives import Collectives
 
 
 class RankActor:

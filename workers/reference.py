@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from workers.engine import Engine
-from workers.model.checkpoint import load_model
-from workers.model.decoder import MoEForCausalLM
-from workers.runner import ModelRunner
-from workers.scheduler import Scheduler
-from workers.stats import RuntimeStats, StepStats
-from workers.step import StepInput, StepOutput
-from workers.tokenizer import Tokenizer, load_tokenizer
+from raymoe.workers.engine import Engine
+from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.model.decoder import MoEForCausalLM
+from raymoe.workers.runner import ModelRunner
+from raymoe.workers.scheduler import Scheduler
+from raymoe.workers.stats import RuntimeStats, StepStats
+from raymoe.workers.step import StepInput, StepOutput
+from raymoe.workers.tokenizer import Tokenizer, load_tokenizer
 
 
 def eos_ids(model_eos: tuple[int, ...], tokenizer: Tokenizer | None, vocab_size: int) -> tuple[int, ...]:

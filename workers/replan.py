@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.collectives import Collectives
-from workers.expert_map import LayerMap
-from workers.model.experts import ExpertStack
+from raymoe.workers.collectives import Collectives
+from raymoe.workers.expert_map import LayerMap
+from raymoe.workers.model.experts import ExpertStack
 
 
 def plan_moves(old: LayerMap, new: LayerMap) -> tuple[tuple[int, ...], ...]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from workers.model.attention import cache_shapes
-from workers.model.batch import ForwardBatch
-from workers.model.decoder import ExpertExecutor, MoEForCausalLM
-from workers.model.kv_cache import KVCache
-from workers.sampling import sample
-from workers.step import StepInput
-from workers.trace import TraceRecorder
+from raymoe.workers.model.attention import cache_shapes
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
+from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.sampling import sample
+from raymoe.workers.step import StepInput
+from raymoe.workers.trace import TraceRecorder
 
 
 class ModelRunner:

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from workers.sampling import SamplingParams
+from raymoe.workers.sampling import SamplingParams
 
 
 class RequestError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from workers.collectives import Tally
+from raymoe.workers.collectives import Tally
 
 PHASES = ("attention", "dispatch", "experts", "combine", "coherence")
 
@@ -108,7 +108,7 @@ class RuntimeStats:
         }
 
     def table(self, moe_layers: tuple[int, ...]) -> str:
-        from cluster.tables import format_table
+        from raymoe.workers.tables import format_table
 
         t = self.totals()
         if not t:

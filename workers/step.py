@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.sampling import SamplingParams
-from workers.stats import LayerTraffic, StepStats
+from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.stats import LayerTraffic, StepStats
 
 
 @dataclass(frozen=True)

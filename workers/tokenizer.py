@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from workers.model.errors import CheckpointError
+from raymoe.workers.model.errors import CheckpointError
 
 
 class Tokenizer:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.model.router import Routing
+from raymoe.workers.model.router import Routing
 
 TRACE_VERSION = 1
 

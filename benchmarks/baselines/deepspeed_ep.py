@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.baselines.dist_probe import DistProbe
-from benchmarks.baselines.measure import PHASES, RunResult, drive, set_threads
-from workers.model.router import Routing
+from raymoe.benchmarks.baselines.dist_probe import DistProbe
+from raymoe.benchmarks.baselines.measure import PHASES, RunResult, drive, set_threads
+from raymoe.workers.model.router import Routing
 
 
 class UnsupportedRouterError(ValueError):
@@ -187,7 +187,7 @@ class DeepSpeedRank:
     """Actor body: one rank (one process) of the DeepSpeed expert-parallel group."""
 
     def __init__(self, model_path: str, rank: int, ranks: int, max_seqs: int, threads: int):
-        from workers.model.checkpoint import Checkpoint, load_model
+        from raymoe.workers.model.checkpoint import Checkpoint, load_model
 
         set_threads(threads)
         self.ckpt = Checkpoint(model_path)
@@ -202,15 +202,15 @@ class DeepSpeedRank:
         return os.getpid()
 
     def rendezvous(self) -> str:
-        from cluster.process_group import free_port, node_ip
+        from raymoe.workers.process_group import free_port, node_ip
 
         ip = node_ip()
         return f"{ip}:{free_port(ip)}"
 
     def join(self, address: str, timeout_s: float) -> int:
         """Join the gloo group, start deepspeed.comm, build the MoE layers. All ranks together."""
-        from benchmarks.baselines.executor_engine import ExecutorEngine
-        from cluster.process_group import init_group
+        from raymoe.benchmarks.baselines.executor_engine import ExecutorEngine
+        from raymoe.workers.process_group import init_group
 
         init_group("gloo", address, self.rank, self.ranks, timeout_s)
         init_deepspeed_comm()
@@ -306,7 +306,7 @@ class DeepSpeedSystem:
             str(model_path), r, ranks, per_rank, threads) for r in range(ranks)]
         address = ray.get(self.actors[0].rendezvous.remote())
         ray.get([a.join.remote(address, timeout_s) for a in self.actors])
-        from workers.model.checkpoint import Checkpoint
+        from raymoe.workers.model.checkpoint import Checkpoint
 
         config = Checkpoint(model_path).config
         self.ranks, self.num_experts = ranks, config.num_experts

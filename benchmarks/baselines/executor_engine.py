@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from workers.model.decoder import ExpertExecutor, MoEForCausalLM
-from workers.reference import ReferenceEngine
-from workers.stats import StepStats
-from workers.step import StepInput, StepOutput
+from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.stats import StepStats
+from raymoe.workers.step import StepInput, StepOutput
 
 
 class ExecutorEngine(ReferenceEngine):

@@ -16,7 +16,7 @@ import time
 import ray
 import torch
 
-from benchmarks.baselines.measure import RunResult, set_threads
+from raymoe.benchmarks.baselines.measure import RunResult, set_threads
 
 
 class _Stamps:
@@ -93,7 +93,7 @@ class TransformersSystem:
         self.actor = ray.remote(TransformersHost).options(num_cpus=num_cpus).remote(str(model_path), threads)
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> RunResult:
-        from benchmarks.baselines.measure import throughput
+        from raymoe.benchmarks.baselines.measure import throughput
 
         outputs, steps, moe_seconds = ray.get(self.actor.generate.remote(prompts, new_tokens))
         prefill, decode = throughput(prompts, steps)

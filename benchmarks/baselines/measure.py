@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from workers.sampling import SamplingParams
+from raymoe.workers.sampling import SamplingParams
 
 PHASES = ("attention", "dispatch", "experts", "combine", "coherence")
 

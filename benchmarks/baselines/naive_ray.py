@@ -16,9 +16,9 @@ import time
 import ray
 import torch
 
-from benchmarks.baselines.measure import PHASES, RunResult, drive, set_threads, throughput
-from workers.model.experts import ExpertStack, combine
-from workers.model.router import Routing
+from raymoe.benchmarks.baselines.measure import PHASES, RunResult, drive, set_threads, throughput
+from raymoe.workers.model.experts import ExpertStack, combine
+from raymoe.workers.model.router import Routing
 
 
 def expert_owner(expert: int, num_experts: int, ranks: int) -> int:
@@ -30,7 +30,7 @@ class NaiveExpertActor:
     """Actor body: one rank's experts of every MoE layer."""
 
     def __init__(self, model_path: str, rank: int, ranks: int, threads: int):
-        from workers.model.checkpoint import Checkpoint
+        from raymoe.workers.model.checkpoint import Checkpoint
 
         set_threads(threads)
         ckpt = Checkpoint(model_path)
@@ -104,8 +104,8 @@ class NaiveFrontEnd:
     """Actor body: the front-end process (attention, dense layers, routers, LM head)."""
 
     def __init__(self, model_path: str, actors: list, max_seqs: int, threads: int):
-        from benchmarks.baselines.executor_engine import ExecutorEngine
-        from workers.model.checkpoint import load_model
+        from raymoe.benchmarks.baselines.executor_engine import ExecutorEngine
+        from raymoe.workers.model.checkpoint import load_model
 
         set_threads(threads)
         model = load_model(model_path, with_experts=False)

@@ -3,7 +3,7 @@ size: the per-collective latency every expert-parallel row of the comparison pay
 (raymoe: 3 per MoE layer, DeepSpeed: 2 + an all_reduce). Rank 0 sends, the others receive,
 as in a disaggregated dispatch.
 
-    python -m benchmarks.baselines.probe      # writes benchmarks/results/probe.json
+    python -m raymoe.benchmarks.baselines.probe      # writes benchmarks/results/probe.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _rank(rank: int, world: int, address: str, repeats: int, queue) -> None:
 
 def all_to_all_latency(worlds: tuple[int, ...] = (2, 4, 5), repeats: int = 50) -> dict[int, dict[int, float]]:
     """``{processes: {bytes: seconds per all_to_all_single}}``, one thread per process."""
-    from cluster.process_group import free_port
+    from raymoe.workers.process_group import free_port
 
     ctx = mp.get_context("spawn")
     result = {}
@@ -61,8 +61,8 @@ def all_to_all_latency(worlds: tuple[int, ...] = (2, 4, 5), repeats: int = 50) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks import result_file
-    from benchmarks.results_md import render_result
+    from raymoe.benchmarks import result_file
+    from raymoe.benchmarks.results_md import render_result
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", default="2,4,5", help="process counts")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "per non-default argument)")
     args = parser.parse_args(argv)
     out = args.out or result_file.default_path("probe", parser, args)
-    meta = result_file.run_meta("benchmarks.baselines.probe", argv, args)
+    meta = result_file.run_meta("raymoe.benchmarks.baselines.probe", argv, args)
     worlds = tuple(int(w) for w in args.worlds.split(","))
     latency = all_to_all_latency(worlds, args.repeats)
     data = {"sizes": list(SIZES), "repeats": args.repeats,

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import ray
 
-from benchmarks.baselines.measure import PHASES, RunResult, drive, throughput
+from raymoe.benchmarks.baselines.measure import PHASES, RunResult, drive, throughput
 
 
 class DeploymentSystem:
     def __init__(self, model_path: str, layout: str, ranks: int, max_seqs: int, policy: str = "linear",
                  plan=None, threads: int = 1, cpus_per_actor: float = 0.1):
-        from cluster.config import parse_config
-        from cluster.coordinator import Deployment
+        from raymoe.cluster.config import parse_config
+        from raymoe.cluster.coordinator import Deployment
 
         config = parse_config({"model": str(model_path), "layout": layout, "expert_ranks": ranks,
                                "placement": {"policy": policy}, "batching": {"max_seqs": max_seqs},

@@ -7,14 +7,14 @@ import os
 
 import ray
 
-from benchmarks.baselines.measure import RunResult, drive, set_threads, throughput
+from raymoe.benchmarks.baselines.measure import RunResult, drive, set_threads, throughput
 
 
 class ReferenceHost:
     """Actor body: a ``ReferenceEngine`` on the checkpoint, with every expert in-process."""
 
     def __init__(self, model_path: str, max_seqs: int, threads: int):
-        from workers.reference import ReferenceEngine
+        from raymoe.workers.reference import ReferenceEngine
 
         set_threads(threads)
         self.engine = ReferenceEngine.from_pretrained(model_path, max_seqs=max_seqs)

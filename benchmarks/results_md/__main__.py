@@ -1,4 +1,4 @@
-"""``python -m benchmarks.results_md [--check] [--results FILE]``: render every marked block."""
+"""``python -m raymoe.benchmarks.results_md [--check] [--results FILE]``: render every marked block."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import difflib
 import sys
 from pathlib import Path
 
-from benchmarks.results_md import RESULTS_DIR, RenderError, render_document
+from raymoe.benchmarks.results_md import RESULTS_DIR, RenderError, render_document
 
 RESULTS_MD = RESULTS_DIR.parent / "RESULTS.md"
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         sys.stderr.writelines(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True),
                                                    str(args.results), "rendered from benchmarks/results"))
-        print(f"\n{args.results}: blocks differ from their JSON; run python -m benchmarks.results_md", file=sys.stderr)
+        print(f"\n{args.results}: blocks differ from their JSON; run python -m raymoe.benchmarks.results_md", file=sys.stderr)
         return 1
     args.results.write_text(rendered)
     print(f"{args.results}: blocks rendered", file=sys.stderr)

@@ -8,14 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.results_md import compare, gpu, placement, runtime, serving
-from benchmarks.results_md.source import RESULTS_DIR, RenderError, Result, header, load
+from raymoe.benchmarks.results_md import compare, gpu, placement, runtime, serving
+from raymoe.benchmarks.results_md.source import RESULTS_DIR, RenderError, Result, header, load
 
 # view name -> renderer of the block's body (after the command lines); each takes the
 # block's files in marker order.
 VIEWS: dict[str, Callable[[list[Result]], str]] = {
     "placement": placement.placement_tables,
     "runtime": runtime.runtime_table,
+    "step_overhead": runtime.step_overhead_table,
     "layouts": runtime.layouts_table,
     "serving": serving.serving_table,
     "compare": compare.compare_table,

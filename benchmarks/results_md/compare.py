@@ -1,11 +1,11 @@
-"""Tables of ``benchmarks.compare`` (raymoe against DeepSpeed-MoE, transformers, naive Ray),
-``benchmarks.baselines.probe`` (one gloo all-to-all) and ``benchmarks.cost_model`` (fit to
+"""Tables of ``raymoe.benchmarks.compare`` (raymoe against DeepSpeed-MoE, transformers, naive Ray),
+``raymoe.benchmarks.baselines.probe`` (one gloo all-to-all) and ``raymoe.benchmarks.cost_model`` (fit to
 the measured rows, projection to 8-64 GPUs)."""
 
 from __future__ import annotations
 
-from benchmarks.results_md.source import Result
-from benchmarks.results_md.tables import md_table, pct, text_table
+from raymoe.benchmarks.results_md.source import Result
+from raymoe.benchmarks.results_md.tables import md_table, pct, text_table
 
 PHASES = ("attention", "dispatch", "experts", "combine", "coherence")
 BASELINES = ("transformers", "DeepSpeed-MoE EP", "naive Ray")

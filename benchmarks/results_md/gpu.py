@@ -1,10 +1,10 @@
-"""Tables of ``benchmarks.gpu`` (core, nccl, deployment), from the files of the leased GPU
+"""Tables of ``raymoe.benchmarks.gpu`` (core, nccl, deployment), from the files of the leased GPU
 runs as they were written."""
 
 from __future__ import annotations
 
-from benchmarks.results_md.source import Result
-from benchmarks.results_md.tables import md_table
+from raymoe.benchmarks.results_md.source import Result
+from raymoe.benchmarks.results_md.tables import md_table
 
 NCCL_PHASES = ("pack", "dispatch", "experts", "combine", "unpack")
 

@@ -1,11 +1,11 @@
-"""Tables of ``benchmarks.placement``: every policy on the Qwen3 loads, on per-token
+"""Tables of ``raymoe.benchmarks.placement``: every policy on the Qwen3 loads, on per-token
 traces (fitted on one half, scored on the other), hierarchical plans, MoGE, and the
 issue's targets with the numbers behind them."""
 
 from __future__ import annotations
 
-from benchmarks.results_md.source import Result
-from benchmarks.results_md.tables import md_table
+from raymoe.benchmarks.results_md.source import Result
+from raymoe.benchmarks.results_md.tables import md_table
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

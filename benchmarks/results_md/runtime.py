@@ -1,10 +1,11 @@
-"""Tables of ``benchmarks.runtime`` (reference engine vs runtime) and ``benchmarks.layouts``
-(disaggregated vs coherent, bytes per decoded token)."""
+"""Tables of ``raymoe.benchmarks.runtime`` (reference engine vs runtime),
+``raymoe.benchmarks.step_overhead`` (decode ms per step, as a ratio to the reference) and
+``raymoe.benchmarks.layouts`` (disaggregated vs coherent, bytes per decoded token)."""
 
 from __future__ import annotations
 
-from benchmarks.results_md.source import Result
-from benchmarks.results_md.tables import md_table, pct
+from raymoe.benchmarks.results_md.source import Result
+from raymoe.benchmarks.results_md.tables import md_table, pct
 
 RUNTIME_PHASES = ("attention", "dispatch", "experts", "combine")
 LAYOUT_BYTES = ("dispatch_bytes", "combine_bytes", "merge_bytes", "metadata_bytes", "coherence_bytes")
@@ -43,3 +44,30 @@ def layouts_table(results: list[Result]) -> str:
     return f"{ranks} ranks:\n\n" + md_table(
         ["layout", "plan", "B/token", "x disagg+linear", "dispatch", "combine", "merge", "meta", "coherence",
          "a2a/layer", "other coll/step", "stayed", "decode tok/s", "same tokens"], out)
+
+
+def step_overhead_table(results: list[Result]) -> str:
+    """One row per (model, batch): each engine's decode ms per step and its ratio to the
+    reference engine of the same run; then the transport floor."""
+    data = results[0].data
+    rows = data["rows"]
+    engines = []
+    for r in rows:
+        key = (r["engine"], r["ranks"])
+        if key not in engines:
+            engines.append(key)
+    names = {("reference", 0): "reference", ("transformers", 0): "transformers"}
+    header = ["model", "batch"] + [names.get(k, f"{k[0]} {k[1]}r") for k in engines] + ["same tokens",
+                                                                                       "collectives/step"]
+    out = []
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        mine = {(r["engine"], r["ranks"]): r for r in rows if r["model"] == model and r["batch"] == batch}
+        cells = [f"{mine[k]['decode_ms']:.1f}" + ("" if k == ("reference", 0) else f" ({mine[k]['ratio']:.2f}x)")
+                 if k in mine else "-" for k in engines]
+        runtime = [mine[k] for k in engines if k in mine and k[0] not in ("reference", "transformers")]
+        same = "yes" if all(r["same_tokens"] for r in runtime) else "NO"
+        calls = "/".join(f"{r['collectives_per_step']:g}" for r in runtime)
+        out.append([model, batch, *cells, same, calls])
+    floors = data.get("floors", {})
+    floor = "; ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in floors.items())
+    return md_table(header, out) + (f"\n\nTransport floor here: {floor}." if floor else "")

@@ -1,12 +1,12 @@
-"""Tables of ``benchmarks.serving`` (HTTP vs direct), ``benchmarks.overload`` (admission
-under 4x load) and ``benchmarks.recovery`` (faults)."""
+"""Tables of ``raymoe.benchmarks.serving`` (HTTP vs direct), ``raymoe.benchmarks.overload`` (admission
+under 4x load) and ``raymoe.benchmarks.recovery`` (faults)."""
 
 from __future__ import annotations
 
 import statistics
 
-from benchmarks.results_md.source import Result
-from benchmarks.results_md.tables import md_table
+from raymoe.benchmarks.results_md.source import Result
+from raymoe.benchmarks.results_md.tables import md_table
 
 SERVING_RATIOS = ("requests_s", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 

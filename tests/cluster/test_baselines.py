@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.baselines import deepspeed_ep
-from benchmarks.baselines.measure import drive
+from raymoe.benchmarks.baselines import deepspeed_ep
+from raymoe.benchmarks.baselines.measure import drive
 from tests.tiny_models import save_tiny_model
-from workers.reference import ReferenceEngine
+from raymoe.workers.reference import ReferenceEngine
 
 # Equal lengths: the transformers baseline batches without padding.
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3, 4, 5, 6, 7, 8], [60, 61, 62, 63, 9, 8, 70]]
@@ -31,7 +31,7 @@ def reference(mixtral):
 
 
 def test_transformers_generate_equals_reference(ray_session, mixtral, reference):
-    from benchmarks.baselines.hf_transformers import TransformersSystem
+    from raymoe.benchmarks.baselines.hf_transformers import TransformersSystem
 
     system = TransformersSystem(mixtral)
     try:
@@ -44,7 +44,7 @@ def test_transformers_generate_equals_reference(ray_session, mixtral, reference)
 
 
 def test_naive_ray_equals_reference_and_counts_calls(ray_session, mixtral, reference):
-    from benchmarks.baselines.naive_ray import NaiveRaySystem
+    from raymoe.benchmarks.baselines.naive_ray import NaiveRaySystem
 
     system = NaiveRaySystem(mixtral, ranks=2, max_seqs=4)
     try:
@@ -60,7 +60,7 @@ def test_naive_ray_equals_reference_and_counts_calls(ray_session, mixtral, refer
 
 
 def test_deepspeed_router_semantics_are_checked():
-    from workers.model.config import RouterConfig
+    from raymoe.workers.model.config import RouterConfig
 
     deepspeed_ep.check_router(RouterConfig(num_experts=8, top_k=2, norm_topk_prob=True))  # Mixtral
     deepspeed_ep.check_router(RouterConfig(num_experts=8, top_k=1))  # top-1 keeps the probability

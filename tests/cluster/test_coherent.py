@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.config import parse_config
-from cluster.coordinator import Deployment
-from placement import build_plan, load_trace
+from raymoe.cluster.config import parse_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.placement import build_plan, load_trace
 from tests.cluster.test_runtime import LATE, PROMPTS, lockstep
 from tests.plans import random_plan
 from tests.tiny_models import save_planted_affinity_model, save_tiny_model
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams
 
 MIXED = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 9, 6)]  # finish at different steps
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import ray
 
-from benchmarks.baselines.dist_probe import DistProbe
-from cluster.config import parse_config
-from cluster.coordinator import Deployment
+from raymoe.benchmarks.baselines.dist_probe import DistProbe
+from raymoe.cluster.config import parse_config
+from raymoe.cluster.coordinator import Deployment
 from tests.cluster.test_runtime import GREEDY, PROMPTS
 from tests.tiny_models import save_tiny_model
-from workers.reference import ReferenceEngine
+from raymoe.workers.reference import ReferenceEngine
 
 
 @pytest.fixture(scope="module")

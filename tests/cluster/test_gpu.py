@@ -11,19 +11,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.gpu import engine_on
-from benchmarks.gpu_nccl import full_stack, round_trip, routed_batch
-from cluster.config import DeploymentConfigError, parse_config
-from cluster.coordinator import Deployment
-from cluster.process_group import destroy_group, free_port, init_group, pick_backend
-from placement.plan import build_plan
+from raymoe.benchmarks.gpu import engine_on
+from raymoe.benchmarks.gpu_nccl import full_stack, round_trip, routed_batch
+from raymoe.cluster.config import DeploymentConfigError, parse_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.workers.process_group import destroy_group, free_port, init_group, pick_backend
+from raymoe.placement.build import build_plan
 from tests.tiny_models import save_tiny_model
-from workers.collectives import Collectives
-from workers.dispatch import weighted_experts
-from workers.expert_map import layer_maps
-from workers.model.batch import ForwardBatch
-from workers.model.checkpoint import load_model
-from workers.sampling import SamplingParams
+from raymoe.workers.collectives import Collectives
+from raymoe.workers.dispatch import weighted_experts
+from raymoe.workers.expert_map import layer_maps
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.sampling import SamplingParams
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

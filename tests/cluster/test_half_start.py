@@ -19,14 +19,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from cluster import coordinator
-from cluster.bootstrap import ClusterCapacityError, check_capacity
-from cluster.config import DeploymentConfigError, parse_config
-from cluster.coordinator import Deployment
-from placement.errors import PlanError
-from placement.plan import build_plan
+from raymoe.cluster import coordinator
+from raymoe.cluster.bootstrap import ClusterCapacityError, check_capacity
+from raymoe.cluster.config import DeploymentConfigError, parse_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.placement.errors import PlanError
+from raymoe.placement.build import build_plan
 from tests.tiny_models import save_tiny_model
-from workers.model.errors import CheckpointError, ConfigFieldError, RaymoeModelError
+from raymoe.workers.model.errors import CheckpointError, ConfigFieldError, RaymoeModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTLE_S = 30.0  # how long killed actors and removed placement groups may take to be reported gone
@@ -190,7 +190,7 @@ def test_generate_cli_refuses_more_gpus_than_the_cluster_has_in_one_line(tmp_pat
     config.write_text(yaml.safe_dump({"model": str(ROOT / "models" / "tiny-moe"), "expert_ranks": 1,
                                       "resources": {"cpus_per_actor": 0.1, "gpus_per_actor": 8}}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--config", str(config), "--prompt", "hi",
+    done = subprocess.run([sys.executable, "-m", "raymoe.deploy.cli", "generate", "--config", str(config), "--prompt", "hi",
                            "--max-new-tokens", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     [line] = [line for line in done.stderr.splitlines() if line.startswith("raymoe: error:")]

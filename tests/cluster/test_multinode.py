@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import DeploymentConfigError, parse_config
-from cluster.local_cluster import NODE_LABEL, LocalCluster
-from cluster.multinode import bundle_label_selectors, check_pinning, describe_missing, missing_node_labels
-from placement.plan import PlacementPlan, build_plan
-from placement.trace import load_trace
+from raymoe.cluster.config import DeploymentConfigError, parse_config
+from tools.local_cluster import NODE_LABEL, LocalCluster
+from raymoe.cluster.multinode import bundle_label_selectors, check_pinning, describe_missing, missing_node_labels
+from raymoe.placement.build import build_plan
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.trace import load_trace
 from tests.tiny_models import save_tiny_model
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3], [60, 61, 62, 63, 9, 8, 70, 71]]
@@ -37,9 +38,9 @@ DRIVER_TIMEOUT_S = 150
 PROBE = """
 import json, sys
 import ray
-from cluster.config import load_config
-from cluster.coordinator import Deployment
-from workers.sampling import SamplingParams
+from raymoe.cluster.config import load_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.workers.sampling import SamplingParams
 
 config = load_config(sys.argv[1])
 with Deployment(config) as dep:
@@ -143,7 +144,7 @@ def test_generate_cli_with_ray_address_equals_reference_cli(local_cluster, model
     env = local_cluster.env()
     env.pop("RAY_ADDRESS")
     ids = [arg for p in PROMPTS for arg in ("--prompt-ids", ",".join(map(str, p)))]
-    common = [sys.executable, "-m", "cluster.cli", "generate", *ids, "--max-new-tokens", str(NEW_TOKENS),
+    common = [sys.executable, "-m", "raymoe.deploy.cli", "generate", *ids, "--max-new-tokens", str(NEW_TOKENS),
               "--ignore-eos"]
     runtime = subprocess.run(common + ["--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=DRIVER_TIMEOUT_S)

@@ -14,16 +14,16 @@ import pytest
 import ray
 import torch
 
-from cluster.config import DeploymentConfigError, parse_config
-from cluster.coordinator import Deployment
-from cluster.recovery import StepFailure
-from placement.plan import PlacementPlan
+from raymoe.cluster.config import DeploymentConfigError, parse_config
+from raymoe.cluster.coordinator import Deployment
+from raymoe.cluster.recovery import StepFailure
+from raymoe.placement.plan import PlacementPlan
 from tests.plans import linear_plan, random_plan
 from tests.tiny_models import save_tiny_model
-from workers.expert_map import layer_maps, without_ranks
-from workers.reference import ReferenceEngine
-from workers.replan import plan_moves
-from workers.sampling import SamplingParams
+from raymoe.workers.expert_map import layer_maps, without_ranks
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.replan import plan_moves
+from raymoe.workers.sampling import SamplingParams
 
 REQUESTS = 16
 PROMPTS = [[(7 * i + j) % 90 + 1 for j in range(3 + i % 5)] for i in range(REQUESTS)]

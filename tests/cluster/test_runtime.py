@@ -11,14 +11,14 @@ import pytest
 import ray
 import torch
 
-from cluster.config import DeploymentConfigError, parse_config
-from cluster.coordinator import Deployment
+from raymoe.cluster.config import DeploymentConfigError, parse_config
+from raymoe.cluster.coordinator import Deployment
 from tests.plans import linear_plan, random_plan
 from tests.tiny_models import save_tiny_model
-from workers.engine import Engine
-from workers.model.errors import CheckpointError
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams
+from raymoe.workers.engine import Engine
+from raymoe.workers.model.errors import CheckpointError
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3], [60, 61, 62, 63, 9, 8, 70, 71, 72, 3, 4]]
 LATE = {2: [[44, 45, 46]], 5: [[7, 7, 8, 9, 10, 11]]}  # step -> prompts that arrive then

@@ -75,7 +75,7 @@ def serve_instance(ray_session):
     """Ray Serve on the session's Ray: HTTP and gRPC proxies on free loopback ports."""
     from ray import serve
 
-    from deploy.server import GRPC_SERVICER
+    from raymoe.deploy.server import GRPC_SERVICER
 
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
@@ -88,7 +88,7 @@ def _deploy(tmp_path_factory, serve_instance, model_dir: Path, app: str, prefix:
             api_key: str | None) -> Server:
     from ray import serve
 
-    from deploy.server import build_app
+    from raymoe.deploy.server import build_app
 
     config = {"model": str(model_dir), "expert_ranks": 2, "resources": {"cpus_per_actor": 0.1},
               "batching": {"max_seq_len": CONTEXT, **batching}}
@@ -119,14 +119,14 @@ def guarded_server(tmp_path_factory, serve_instance, chat_model) -> Server:
 def reference(chat_model):
     """The single-process reference engine on the same model, one sequence at a time:
     the text each request would get alone."""
-    from workers.reference import ReferenceEngine
+    from raymoe.workers.reference import ReferenceEngine
 
     return ReferenceEngine.from_pretrained(chat_model, max_seqs=1, max_seq_len=CONTEXT)
 
 
 def alone(reference, prompt: str | list[int], **params):
     """The reference's completion of one prompt, generated alone."""
-    from workers.sampling import SamplingParams
+    from raymoe.workers.sampling import SamplingParams
 
     ids = reference.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     return reference.generate_ids([ids], SamplingParams(**params))[0]

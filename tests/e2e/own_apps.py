@@ -18,7 +18,7 @@ def deploy_own_app(tmp_dir: Path, serve_instance, model_dir: Path, app: str, bat
     ``args``: more builder arguments (``request_timeout_s``, ``api_key``, ...)."""
     from ray import serve
 
-    from deploy.server import build_app
+    from raymoe.deploy.server import build_app
 
     config = {"model": str(model_dir), "expert_ranks": 1, "resources": {"cpus_per_actor": 0.1},
               "batching": batching}

@@ -1,4 +1,4 @@
-"""``raymoe serve`` (``python -m deploy.cli``) and the Serve config file: the config is a
+"""``raymoe serve`` (``python -m raymoe.deploy.serve_cli``) and the Serve config file: the config is a
 valid Ray Serve deploy config whose application builds; bad arguments fail fast with a
 typed message and exit code 2; the command starts its own embedded Ray, prints the URL,
 serves real clients and stops cleanly on SIGINT."""
@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_config_is_a_valid_serve_deploy_config_and_builds():
     from ray.serve.schema import ServeDeploySchema
 
-    from deploy.server import RaymoeServer, build_app
-    from deploy.settings import ServerSettings
+    from raymoe.deploy.server import RaymoeServer, build_app
+    from raymoe.deploy.settings import ServerSettings
 
     schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()))
     assert schema.http_options.host == "127.0.0.1"
-    assert schema.grpc_options.grpc_servicer_functions == ["deploy.grpc_stubs.add_RaymoeServiceServicer_to_server"]
+    assert schema.grpc_options.grpc_servicer_functions == ["raymoe.deploy.grpc_stubs.add_RaymoeServiceServicer_to_server"]
     [app] = schema.applications
-    assert app.import_path == "deploy.server:build_app"
+    assert app.import_path == "raymoe.deploy.server:build_app"
     built = build_app(app.args)
     settings = built._bound_deployment.init_args[0]
     assert isinstance(settings, ServerSettings) and settings.model_name == "tiny-moe"
@@ -41,7 +41,7 @@ def test_serve_config_is_a_valid_serve_deploy_config_and_builds():
 
 
 def test_api_key_comes_from_the_environment(monkeypatch):
-    from deploy.settings import settings_from_args
+    from raymoe.deploy.settings import settings_from_args
 
     monkeypatch.setenv("RAYMOE_TEST_KEY", "s3cret")
     settings = settings_from_args({"config": "deploy/configs/tiny.yaml", "api_key_env": "RAYMOE_TEST_KEY"})
@@ -51,7 +51,7 @@ def test_api_key_comes_from_the_environment(monkeypatch):
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "raymoe.deploy.serve_cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -81,7 +81,7 @@ def test_cli_serves_on_its_own_embedded_ray_and_stops_on_sigint(tmp_path, chat_m
                                       "resources": {"cpus_per_actor": 0.1}, "batching": {"max_seq_len": 64}}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the test session's
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(config), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "raymoe.deploy.serve_cli", "--config", str(config), "--port", str(port),
                              "--no-grpc", "--model-name", "cli-model"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -19,8 +19,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from deploy.grpc_stubs import RaymoeServiceStub
-from deploy.grpc_stubs import raymoe_pb2 as pb
+from raymoe.deploy.grpc_stubs import RaymoeServiceStub
+from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
 from tests.e2e.conftest import metric, metric_samples
 from tests.e2e.own_apps import delete_app, deploy_own_app
 
@@ -122,8 +122,8 @@ def test_request_timeout_is_a_checked_setting(tmp_path):
     """``request_timeout_s`` / ``--request-timeout-s``: positive, named in the error."""
     import argparse
 
-    from deploy import cli
-    from deploy.settings import ServeArgsError, settings_from_args
+    from raymoe.deploy import serve_cli as cli
+    from raymoe.deploy.settings import ServeArgsError, settings_from_args
 
     base = {"config": "deploy/configs/tiny.yaml"}
     assert settings_from_args(base).request_timeout_s == 300.0
@@ -139,12 +139,12 @@ def test_request_timeout_is_a_checked_setting(tmp_path):
 def test_a_stuck_engine_step_holds_no_request_past_its_deadline(chat_model):
     """No Serve: the service over an engine loop whose step hangs (a stuck collective). A
     request in flight and a new one (never taken from the inbox) both get their 504."""
-    from deploy.engine_loop import EngineLoop
-    from deploy.errors import APIError
-    from deploy.metrics import ServingMetrics
-    from deploy.service import ModelService
-    from workers.reference import ReferenceEngine
-    from workers.sampling import SamplingParams
+    from raymoe.deploy.engine_loop import EngineLoop
+    from raymoe.deploy.errors import APIError
+    from raymoe.deploy.metrics import ServingMetrics
+    from raymoe.deploy.service import ModelService
+    from raymoe.workers.reference import ReferenceEngine
+    from raymoe.workers.sampling import SamplingParams
 
     engine = ReferenceEngine.from_pretrained(chat_model, max_seqs=2, max_seq_len=64)
     flowing, stuck = threading.Event(), threading.Event()

@@ -24,8 +24,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.grpc_stubs import RaymoeServiceStub
-from deploy.grpc_stubs import raymoe_pb2 as pb
+from raymoe.deploy.grpc_stubs import RaymoeServiceStub
+from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
 from tests.e2e.conftest import CONTEXT
 
 EXAMPLES = 60

@@ -7,8 +7,8 @@ import grpc
 import httpx2 as httpx
 import pytest
 
-from deploy.grpc_stubs import RaymoeServiceStub
-from deploy.grpc_stubs import raymoe_pb2 as pb
+from raymoe.deploy.grpc_stubs import RaymoeServiceStub
+from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
 from tests.e2e.conftest import GUARDED_KEY
 
 PROMPT = "class Stack:"

@@ -2,7 +2,7 @@
 a Retry-After, serves every request it admits with exactly the text it gets alone, keeps
 nothing behind once the load is gone, and serves the next request at once.
 
-First the admission policy on its own (``deploy.admission``: pure, no server), then a live
+First the admission policy on its own (``raymoe.deploy.admission``: pure, no server), then a live
 app of its own: 2 KV slots, a queue of 4 and ``max_wait_s`` 0.5, so both limits refuse.
 Counts and correctness only; latency under overload is measured by benchmarks/overload.py.
 """
@@ -16,11 +16,11 @@ import time
 import httpx2 as httpx
 import pytest
 
-from deploy.admission import AdmissionPolicy, WaitTooLongError, refusal, wait_steps
+from raymoe.deploy.admission import AdmissionPolicy, WaitTooLongError, refusal, wait_steps
 from tests.e2e.conftest import _deploy, alone, metric, metric_samples
-from workers.engine import QueueFullError
-from workers.sampling import SamplingParams
-from workers.scheduler import Request, Scheduler
+from raymoe.workers.engine import QueueFullError
+from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.scheduler import Request, Scheduler
 
 PROMPTS = ["def add(a, b):", "import os", "class A:", "for x in y:", "print('hi')", "while True:"]
 MAX_TOKENS = 8
@@ -66,7 +66,7 @@ def test_refusal_by_count_then_by_expected_wait():
 
 @pytest.mark.parametrize("value", [0, -1.0, "1s", True, 1e9])
 def test_max_wait_s_is_validated(value):
-    from cluster.config import DeploymentConfigError, parse_config
+    from raymoe.cluster.config import DeploymentConfigError, parse_config
 
     assert parse_config({"model": "m", "batching": {"max_wait_s": 1.5}}).batching.max_wait_s == 1.5
     with pytest.raises(DeploymentConfigError, match="batching.max_wait_s"):
@@ -76,8 +76,8 @@ def test_max_wait_s_is_validated(value):
 def test_engine_loop_judges_a_submission_by_its_first_choice(chat_model):
     """n choices on an idle engine are admitted even when the later ones must wait for the
     earlier ones' slots; a request arriving behind them is refused by the expected wait."""
-    from deploy.engine_loop import EngineLoop, FinishEvent
-    from workers.reference import ReferenceEngine
+    from raymoe.deploy.engine_loop import EngineLoop, FinishEvent
+    from raymoe.workers.reference import ReferenceEngine
 
     engine = ReferenceEngine.from_pretrained(chat_model, max_seqs=2, max_seq_len=64)
     loop = EngineLoop(engine, idle_wait_s=0.05, max_wait_s=0.01)

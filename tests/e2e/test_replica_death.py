@@ -19,8 +19,8 @@ import grpc
 import httpx2 as httpx
 import pytest
 
-from deploy.grpc_stubs import RaymoeServiceStub
-from deploy.grpc_stubs import raymoe_pb2 as pb
+from raymoe.deploy.grpc_stubs import RaymoeServiceStub
+from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
 from tests.e2e.own_apps import delete_app, deploy_own_app
 
 APP = "rdeath"

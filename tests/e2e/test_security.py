@@ -23,8 +23,8 @@ import grpc
 import httpx2 as httpx
 import pytest
 
-from deploy.grpc_stubs import RaymoeServiceStub
-from deploy.grpc_stubs import raymoe_pb2 as pb
+from raymoe.deploy.grpc_stubs import RaymoeServiceStub
+from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
 from tests.e2e.conftest import GUARDED_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +95,7 @@ def test_the_key_is_in_no_response_and_no_ray_log(guarded_server, ray_session):
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:
-    from deploy import cli
+    from raymoe.deploy import serve_cli as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
@@ -103,7 +103,7 @@ def _serve_args(*argv: str) -> argparse.Namespace:
 
 
 def test_raymoe_serve_defaults_bind_loopback_and_leave_grpc_off():
-    from deploy.cli import grpc_enabled
+    from raymoe.deploy.serve_cli import grpc_enabled
 
     args = _serve_args()
     assert args.host == "127.0.0.1" and not grpc_enabled(args)
@@ -112,8 +112,8 @@ def test_raymoe_serve_defaults_bind_loopback_and_leave_grpc_off():
 
 
 def test_raymoe_serve_starts_ray_without_its_dashboard(monkeypatch):
-    from cluster import bootstrap
-    from cluster.config import RayConfig
+    from raymoe.cluster import bootstrap
+    from raymoe.cluster.config import RayConfig
 
     calls = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -126,7 +126,7 @@ def test_raymoe_serve_starts_ray_without_its_dashboard(monkeypatch):
 
 
 def test_helm_chart_reads_the_key_from_a_secret():
-    from cluster import k8s
+    from raymoe.deploy.k8s import render as k8s
 
     objects = k8s.render(k8s.load_values(None, [], ["apiKey.existingSecret=raymoe-api-key"]))
     [service] = [o for o in objects if o["kind"] == "RayService"]

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploy.chat import FALLBACK_TEMPLATE, ChatRenderer, ChatTemplateError
-from deploy.engine_loop import EngineLoop, EngineStoppedError, FailEvent, FinishEvent, TokenEvent
-from deploy.metrics import ServingMetrics
-from deploy.text_stream import TextStream
+from raymoe.deploy.chat import FALLBACK_TEMPLATE, ChatRenderer, ChatTemplateError
+from raymoe.deploy.engine_loop import EngineLoop, EngineStoppedError, FailEvent, FinishEvent, TokenEvent
+from raymoe.deploy.metrics import ServingMetrics
+from raymoe.deploy.text_stream import TextStream
 from tests.e2e.conftest import metric, metric_samples
-from workers.engine import finish_text
-from workers.sampling import SamplingParams
-from workers.stats import LayerTraffic, StepStats
-from workers.tokenizer import Tokenizer
+from raymoe.workers.engine import finish_text
+from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.stats import LayerTraffic, StepStats
+from raymoe.workers.tokenizer import Tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
 
@@ -78,7 +78,7 @@ def test_checkpoint_chat_template_named_list_bos_and_errors():
 @pytest.fixture(scope="module")
 def reference_engine(tmp_path_factory):
     from tests.tiny_models import save_char_tokenizer, save_tiny_model
-    from workers.reference import ReferenceEngine
+    from raymoe.workers.reference import ReferenceEngine
 
     path = tmp_path_factory.mktemp("loop-model")
     save_tiny_model("mixtral", path, seed=3)
@@ -123,8 +123,8 @@ def test_engine_loop_abort_and_refusals(reference_engine):
     loop = EngineLoop(engine, idle_wait_s=0.05).start()
     try:
         async def main():
-            from workers.engine import QueueFullError
-            from workers.scheduler import RequestError
+            from raymoe.workers.engine import QueueFullError
+            from raymoe.workers.scheduler import RequestError
 
             with pytest.raises(RequestError):
                 await loop.submit(list(range(300)), SamplingParams())  # longer than max_seq_len

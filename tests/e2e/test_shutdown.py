@@ -84,7 +84,7 @@ def serve_process(tmp_path_factory, chat_model):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the test session's
     env.update(RAYMOE_API_KEY=KEY, RAY_TMPDIR=str(ray_tmp))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(config), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "raymoe.deploy.serve_cli", "--config", str(config), "--port", str(port),
                              "--model-name", MODEL, "--drain-timeout-s", "60"],
                             cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sp, ready = ServeProcess(proc, port, ray_tmp), threading.Event()
@@ -102,8 +102,8 @@ def serve_process(tmp_path_factory, chat_model):
 
 @pytest.fixture(scope="module")
 def long_reference(chat_model):
-    from workers.reference import ReferenceEngine
-    from workers.sampling import SamplingParams
+    from raymoe.workers.reference import ReferenceEngine
+    from raymoe.workers.sampling import SamplingParams
 
     engine = ReferenceEngine.from_pretrained(chat_model, max_seqs=1, max_seq_len=256)
     params = SamplingParams(max_new_tokens=MAX_TOKENS, ignore_eos=True)

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.tiny_models import save_tiny_model
-from workers.model.batch import ForwardBatch
-from workers.model.checkpoint import Checkpoint, load_model
-from workers.model.errors import (
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.checkpoint import Checkpoint, load_model
+from raymoe.workers.model.errors import (
     CheckpointError,
     ConfigFieldError,
     MissingWeightError,
@@ -211,7 +211,7 @@ def test_scale_and_packed_weight_tensors_are_refused_by_name(ckpt, extra):
 def test_generate_cli_refuses_an_fp8_checkpoint_in_one_line(ckpt):
     _edit_config(ckpt, quantization_config=QUANTIZATION_CONFIGS[0])
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--model", str(ckpt), "--prompt-ids",
+    done = subprocess.run([sys.executable, "-m", "raymoe.deploy.cli", "generate", "--model", str(ckpt), "--prompt-ids",
                            "1,2", "--max-new-tokens", "1"], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     [line] = done.stderr.strip().splitlines()

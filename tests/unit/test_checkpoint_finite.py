@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.tiny_models import save_tiny_model
-from workers.model.batch import ForwardBatch
-from workers.model.checkpoint import Checkpoint, load_model
-from workers.model.errors import CheckpointError, NonFiniteWeightError
-from workers.sampling import SamplingParams, sample
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.checkpoint import Checkpoint, load_model
+from raymoe.workers.model.errors import CheckpointError, NonFiniteWeightError
+from raymoe.workers.sampling import SamplingParams, sample
 
 EXPERT_KEY = "model.layers.1.block_sparse_moe.experts.2.w1.weight"  # [I, D] of expert 2, layer 1
 ATTENTION_KEY = "model.layers.0.self_attn.k_proj.weight"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks import cost_fit
-from benchmarks import cost_model as cm
-from placement import build_plan
+from raymoe.benchmarks import cost_fit
+from raymoe.benchmarks import cost_model as cm
+from raymoe.placement import build_plan
 
 SHAPE = cm.Shape(hidden=64, expert_width=96, experts=8, top_k=2, layers=3, heads=4, kv_heads=2, head_dim=16,
                  vocab=128, dtype_bytes=4, context=32)

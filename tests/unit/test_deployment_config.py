@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import DeploymentConfig, DeploymentConfigError, load_config, parse_config
+from raymoe.cluster.config import DeploymentConfig, DeploymentConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "tiny.yaml"
 

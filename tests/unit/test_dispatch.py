@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.plans import random_plan
-from workers.dispatch import decode_rows, encode_rows, pack, run_experts, unpack_combine
-from workers.expert_map import layer_maps
-from workers.model.config import RouterConfig
-from workers.model.experts import ExpertStack, combine
-from workers.model.router import select_experts
+from raymoe.workers.dispatch import decode_rows, encode_rows, pack, run_experts, unpack_combine
+from raymoe.workers.expert_map import layer_maps
+from raymoe.workers.model.config import RouterConfig
+from raymoe.workers.model.experts import ExpertStack, combine
+from raymoe.workers.model.router import select_experts
 
 
 def full_stack(num_experts: int, hidden: int, width: int, seed: int) -> ExpertStack:
@@ -115,9 +115,9 @@ def test_row_encoding_round_trips_bits(dtype):
 def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
     import torch.distributed as dist
 
-    from benchmarks.baselines.dist_probe import DistProbe
-    from workers.collectives import Collectives
-    from workers.dispatch import exchange_combine, exchange_dispatch
+    from raymoe.benchmarks.baselines.dist_probe import DistProbe
+    from raymoe.workers.collectives import Collectives
+    from raymoe.workers.dispatch import exchange_combine, exchange_dispatch
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     group = Collectives(dist.group.WORLD)
@@ -154,7 +154,7 @@ def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
 
 
 def test_round_trip_over_real_gloo_collectives():
-    from cluster.process_group import free_port
+    from raymoe.workers.process_group import free_port
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

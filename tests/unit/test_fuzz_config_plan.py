@@ -15,15 +15,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.config import (
+from raymoe.cluster.config import (
     _SECTIONS,
     DeploymentConfig,
     DeploymentConfigError,
     load_config,
     parse_config,
 )
-from placement.errors import PlanError
-from placement.plan import PlacementPlan, build_plan
+from raymoe.placement.errors import PlanError
+from raymoe.placement.build import build_plan
+from raymoe.placement.plan import PlacementPlan
 
 FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 

@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster import k8s
-from cluster.k8s_validate import manifest_errors
+from raymoe.deploy.k8s import render as k8s
+from raymoe.deploy.k8s.validate import manifest_errors
 from tests.paths import CRDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +185,7 @@ def test_helm_template_validates_and_equals_k8s_render(helm, name):
 
 
 def test_helm_with_a_hierarchical_plan_equals_k8s_render(helm, tmp_path):
-    from placement.plan import build_plan
+    from raymoe.placement.build import build_plan
 
     build_plan("linear", num_layers=6, num_experts=16, num_ranks=8, num_nodes=2).save(tmp_path / "plan.yaml")
     done = helm_template(helm, "--set-file", f"placementPlan={tmp_path / 'plan.yaml'}")

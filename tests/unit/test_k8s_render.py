@@ -1,4 +1,4 @@
-"""`raymoe k8s render` (python -m cluster.k8s): the RayService / RayJob manifests rendered
+"""`raymoe k8s render` (python -m raymoe.deploy.k8s.render): the RayService / RayJob manifests rendered
 from a raymoe deployment config and the chart's values, checked against the real KubeRay
 CRD schemas (strictly: undeclared fields are errors), Ray Serve's own config schema and
 cluster.config. No Kubernetes cluster and no helm needed."""
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster import k8s
-from cluster.config import DeploymentConfigError
-from cluster.k8s_validate import crd_errors, manifest_errors, serve_config_errors
-from placement.plan import build_plan
+from raymoe.deploy.k8s import render as k8s
+from raymoe.cluster.config import DeploymentConfigError
+from raymoe.deploy.k8s.validate import crd_errors, manifest_errors, serve_config_errors
+from raymoe.placement.build import build_plan
 from tests.paths import CRDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,14 +39,14 @@ def pods(cluster_spec: dict) -> list[dict]:
 
 def test_cli_renders_manifests_that_validate_against_the_crds(tmp_path):
     out = tmp_path / "manifests.yaml"
-    done = subprocess.run([sys.executable, "-m", "cluster.k8s", "render", "--config", str(TINY), "--benchmark",
+    done = subprocess.run([sys.executable, "-m", "raymoe.deploy.k8s.render", "render", "--config", str(TINY), "--benchmark",
                            "--set", "metrics.serviceMonitor.enabled=true", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     objects = [d for d in yaml.safe_load_all(out.read_text()) if d]
     assert [o["kind"] for o in objects] == ["ConfigMap", "RayService", "Service", "ServiceMonitor", "RayJob"]
     assert manifest_errors(objects, CRDS) == []
-    check = subprocess.run([sys.executable, "-m", "cluster.k8s", "check", str(out), "--crds", str(CRDS)],
+    check = subprocess.run([sys.executable, "-m", "raymoe.deploy.k8s.render", "check", str(out), "--crds", str(CRDS)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "5 objects" in check.stdout and check.stdout.rstrip().endswith("ok")
 
@@ -57,7 +57,7 @@ def test_rayservice_runs_the_raymoe_app_with_the_config_it_mounts():
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     app = serve["applications"][0]
     shipped = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
-    assert app["import_path"] == shipped["applications"][0]["import_path"] == "deploy.server:build_app"
+    assert app["import_path"] == shipped["applications"][0]["import_path"] == "raymoe.deploy.server:build_app"
     assert serve["grpc_options"]["grpc_servicer_functions"] == shipped["grpc_options"]["grpc_servicer_functions"]
     assert app["args"] == {"config": "/etc/raymoe/deployment.yaml", "model_name": "tiny-moe",
                            "api_key_env": "RAYMOE_API_KEY"}
@@ -128,7 +128,7 @@ def test_storage_and_secret_options_render_valid_pods(sets, check):
 def test_benchmark_rayjob_runs_the_suite_and_keeps_its_results():
     job = render(sets=["benchmark.enabled=true", "benchmark.resultsClaim=bench-results"])["RayJob"]
     spec = job["spec"]
-    assert "python -m benchmarks.runtime" in spec["entrypoint"] and "python -m benchmarks.layouts" in spec["entrypoint"]
+    assert "python -m raymoe.benchmarks.runtime" in spec["entrypoint"] and "python -m raymoe.benchmarks.layouts" in spec["entrypoint"]
     assert spec["shutdownAfterJobFinishes"] is True
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert {"name": "results", "persistentVolumeClaim": {"claimName": "bench-results"}} in head["volumes"]
@@ -158,13 +158,13 @@ def test_bad_config_and_plan_are_refused(tmp_path):
     build_plan("linear", num_layers=6, num_experts=16, num_ranks=4).save(tmp_path / "plan.yaml")
     with pytest.raises(k8s.ValuesError, match="placementPlan.*rebuild the plan with `raymoe plan --ranks 8`"):
         k8s.render(k8s.load_values(None, [], [], [f"placementPlan={tmp_path / 'plan.yaml'}"]))
-    done = subprocess.run([sys.executable, "-m", "cluster.k8s", "render", "--config", str(config)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "raymoe.deploy.k8s.render", "render", "--config", str(config)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "raymoe k8s: error:" in done.stderr and "layout" in done.stderr
 
 
 def test_values_command_round_trips_through_helm_style_values_files(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "cluster.k8s", "values", "--config", str(TINY)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "raymoe.deploy.k8s.render", "values", "--config", str(TINY)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     (tmp_path / "tiny-values.yaml").write_text(done.stdout)
@@ -183,7 +183,7 @@ def test_crd_check_is_strict_about_undeclared_fields_and_types():
     assert any("unknown field 'proxy_locaton'" in e
                for e in serve_config_errors("proxy_locaton: HeadOnly\napplications: []\n"))
     assert any("import_path" in e for e in serve_config_errors(
-        "applications:\n- {name: x, import_path: 'deploy.server:nope'}\n"))
+        "applications:\n- {name: x, import_path: 'raymoe.deploy.server:nope'}\n"))
 
 
 @pytest.mark.parametrize("values_file", sorted((ROOT / "deploy" / "k8s").glob("values-*.yaml")), ids=lambda p: p.name)
@@ -205,7 +205,7 @@ def test_check_refuses_what_is_not_kubernetes_objects_one_line_each(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     paths = [str(tmp_path / name) for name in files]
-    done = subprocess.run([sys.executable, "-m", "cluster.k8s", "check", str(good), *paths, "--crds", str(CRDS)],
+    done = subprocess.run([sys.executable, "-m", "raymoe.deploy.k8s.render", "check", str(good), *paths, "--crds", str(CRDS)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -220,7 +220,7 @@ def test_check_refuses_what_is_not_kubernetes_objects_one_line_each(tmp_path):
     for line, needle in zip(lines, expected):
         assert line.startswith("raymoe k8s check: error: ") and needle in line and "Fix:" in line, (line, needle)
     assert done.stdout.startswith("2 objects (ConfigMap raymoe-config, RayService raymoe): 7 errors")
-    nothing = subprocess.run([sys.executable, "-m", "cluster.k8s", "check", str(tmp_path / "empty.yaml")],
+    nothing = subprocess.run([sys.executable, "-m", "raymoe.deploy.k8s.render", "check", str(tmp_path / "empty.yaml")],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 2 and "objects = 0: no Kubernetes objects to check" in nothing.stderr
 

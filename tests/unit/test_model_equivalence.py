@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.tiny_models import FAMILIES, save_tiny_model
-from workers.model.batch import ForwardBatch
-from workers.model.checkpoint import load_model
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3], [60, 61, 62, 63, 9, 8, 70, 71, 72, 3, 4, 5, 6]]
 

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from placement.errors import ConfigError, LoadCapInfeasible
-from placement.metrics import coactivation_split_fraction, cross_device_fraction, imbalance_of, rank_loads
-from placement.plan import build_plan
-from placement.synthetic import planted_affinity_trace
-from placement.trace import trace_from_array
+from raymoe.placement.errors import ConfigError, LoadCapInfeasible
+from raymoe.placement.metrics import coactivation_split_fraction, cross_device_fraction, imbalance_of, rank_loads
+from raymoe.placement.build import build_plan
+from raymoe.placement.synthetic import planted_affinity_trace
+from raymoe.placement.trace import trace_from_array
 
 
 @pytest.mark.parametrize("top_k,solver,shape", [
@@ -129,7 +129,7 @@ def test_more_ranks_than_slots_and_unknown_options_are_config_errors():
 def test_heuristic_solves_qwen_sized_instance_in_time():
     """128 experts x 48 layers x 16 ranks, top-8, load cap 1.05 + 32 replicas: < 30 s of
     CPU time (the target is wall time on 2 cores; CPU time does not depend on other load)."""
-    from placement.synthetic import skewed_markov_trace
+    from raymoe.placement.synthetic import skewed_markov_trace
     from tests.paths import QWEN_LOADS
 
     stats = skewed_markov_trace(np.load(QWEN_LOADS).astype(float), 4000, 8, 0.3, seed=1).stats()

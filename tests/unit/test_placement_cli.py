@@ -1,4 +1,4 @@
-"""``raymoe plan`` end to end, in process (python -m placement.cli uses the same main)."""
+"""``raymoe plan`` end to end, in process (python -m raymoe.placement.cli uses the same main)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from placement.cli import main
-from placement.plan import PlacementPlan
-from placement.synthetic import planted_affinity_trace
+from raymoe.placement.cli import main
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.synthetic import planted_affinity_trace
 
 
 @pytest.fixture()
@@ -66,7 +66,7 @@ def test_bad_input_exits_2_with_the_reason(tmp_path, capsys):
 
 
 def test_placement_never_imports_ray_torch_distributed_or_grpc():
-    code = ("import sys, placement, placement.cli, placement.build, placement.report, placement.synthetic\n"
+    code = ("import sys, placement, raymoe.placement.cli, raymoe.placement.build, raymoe.placement.report, placement.synthetic\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'grpc') or m.startswith('torch')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -100,15 +100,15 @@ def _bad_files(tmp_path) -> dict[str, object]:
         "three_d.npy": "shape", "vector_version.npz": "version = [1, 2]", "string_top_k.npz": "top_k = 'two'"}
 
 
-def _plan(*args: str, module: str = "placement.cli") -> subprocess.CompletedProcess:
-    prefix = ["plan"] if module == "cluster.cli" else []
+def _plan(*args: str, module: str = "raymoe.placement.cli") -> subprocess.CompletedProcess:
+    prefix = ["plan"] if module == "raymoe.deploy.cli" else []
     return subprocess.run([sys.executable, "-m", module, *prefix, *args, "--ranks", "2", "--no-progress"],
                           capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("option", ["--trace", "--loads"])
 def test_unreadable_or_wrong_files_exit_2_with_one_line_naming_the_file(tmp_path, option):
-    """`python -m placement.cli` is `raymoe plan` without the torch import (the same run())."""
+    """`python -m raymoe.placement.cli` is `raymoe plan` without the torch import (the same run())."""
     for name, needle in _bad_files(tmp_path).items():
         if (option, name) in (("--trace", "string_top_k.npz"), ("--loads", "vector_version.npz"),
                               ("--trace", "three_d.npy")):  # not that option's file: no such field read
@@ -122,7 +122,7 @@ def test_unreadable_or_wrong_files_exit_2_with_one_line_naming_the_file(tmp_path
 
 def test_raymoe_plan_command_reports_a_truncated_trace_in_one_line(tmp_path):
     _bad_files(tmp_path)
-    done = _plan("--trace", str(tmp_path / "truncated.npz"), module="cluster.cli")
+    done = _plan("--trace", str(tmp_path / "truncated.npz"), module="raymoe.deploy.cli")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert f"{tmp_path / 'truncated.npz'}: contents = '.npz': truncated or corrupt (BadZipFile" in line

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.errors import ConfigError
-from placement.metrics import imbalance_of, rank_loads
-from placement.plan import build_plan
-from placement.replicate import balanced_packing, rebalance_experts, replicate_experts
+from raymoe.placement.errors import ConfigError
+from raymoe.placement.metrics import imbalance_of, rank_loads
+from raymoe.placement.build import build_plan
+from raymoe.placement.replicate import balanced_packing, rebalance_experts, replicate_experts
 
 from tests.paths import EPLB_EXAMPLE as EXAMPLE
 from tests.paths import QWEN_LOADS

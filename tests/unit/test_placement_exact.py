@@ -25,11 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from placement.affinity import AffinityProblem, load_lower_bound, make_problem, score
-from placement.errors import LoadCapInfeasible
-from placement.solve_exact import solve_exact
-from placement.solve_heuristic import solve_heuristic
-from placement.trace import trace_from_array
+from raymoe.placement.affinity import AffinityProblem, load_lower_bound, make_problem, score
+from raymoe.placement.errors import LoadCapInfeasible
+from raymoe.placement.solve_exact import solve_exact
+from raymoe.placement.solve_heuristic import solve_heuristic
+from raymoe.placement.trace import trace_from_array
 
 HEURISTIC_MARGIN = 0.90
 
@@ -181,15 +181,15 @@ _SOLVE_AFTER = """
 import sys, json
 import numpy as np
 sys.path.insert(0, {root!r})
-from placement.plan import build_plan
-from placement.trace import trace_from_array
+from raymoe.placement.build import build_plan
+from raymoe.placement.trace import trace_from_array
 rng = np.random.default_rng(0)
 trace = trace_from_array(rng.integers(0, 6, size=(400, 3, 1)), num_experts=6)
 if {foreign_threads}:
     # Between the heuristic and the MILP, another user of HiGHS in this process makes the
     # scheduler anew with 2 threads: the real MILP then fails as highspy 1.16 does.
     import highspy
-    import placement.build as build
+    import raymoe.placement.build as build
     real_exact = build.solve_exact
 
     def exact_after_a_foreign_solve(*args, **kwargs):

@@ -7,10 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.metrics import (coactivation_split_fraction, cross_device_fraction, decode_order, inter_node_fraction,
+from raymoe.placement.metrics import (coactivation_split_fraction, cross_device_fraction, decode_order, inter_node_fraction,
                                per_step_imbalance, score_plan)
-from placement.plan import PlacementPlan, build_plan
-from placement.trace import trace_from_array
+from raymoe.placement.build import build_plan
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.trace import trace_from_array
 
 
 def ranks_of(plan: PlacementPlan, layer: int, expert: int) -> set[int]:

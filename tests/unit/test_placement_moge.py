@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.errors import ConfigError, TraceError
-from placement.metrics import imbalance_of, per_step_imbalance, rank_loads
-from placement.moge import check_moge_routing, moge_route
-from placement.plan import build_plan
-from placement.trace import trace_from_array
+from raymoe.placement.errors import ConfigError, TraceError
+from raymoe.placement.metrics import imbalance_of, per_step_imbalance, rank_loads
+from raymoe.placement.moge import check_moge_routing, moge_route
+from raymoe.placement.build import build_plan
+from raymoe.placement.trace import trace_from_array
 
 
 @settings(max_examples=25, deadline=None)

@@ -8,10 +8,11 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from placement.affinity import slot_capacity
-from placement.errors import PlanError
-from placement.plan import PlacementPlan, build_plan
-from placement.trace import trace_from_array
+from raymoe.placement.affinity import slot_capacity
+from raymoe.placement.errors import PlanError
+from raymoe.placement.build import build_plan
+from raymoe.placement.plan import PlacementPlan
+from raymoe.placement.trace import trace_from_array
 
 
 def check_invariants(plan: PlacementPlan, num_experts: int, num_ranks: int, num_slots: int) -> None:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.errors import TraceError
-from placement.trace import RoutingStats, load_stats, load_trace, trace_from_array
+from raymoe.placement.errors import TraceError
+from raymoe.placement.trace import RoutingStats, load_stats, load_trace, trace_from_array
 
 
 def write_raymoe_trace(path, ids: np.ndarray, num_experts: int, seq_ids=None) -> None:

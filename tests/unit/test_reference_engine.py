@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.cli import main
+from raymoe.deploy.cli import main
 from tests.tiny_models import save_char_tokenizer, save_tiny_model
-from workers.model.checkpoint import load_model
-from workers.reference import ReferenceEngine
-from workers.sampling import SamplingParams, SamplingParamsError
-from workers.scheduler import RequestError
-from workers.tokenizer import load_tokenizer
+from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.reference import ReferenceEngine
+from raymoe.workers.sampling import SamplingParams, SamplingParamsError
+from raymoe.workers.scheduler import RequestError
+from raymoe.workers.tokenizer import load_tokenizer
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3], [60, 61, 62, 63, 9, 8, 70], [1], [44, 45, 46, 47, 48]]
 
@@ -119,7 +119,7 @@ def test_trace_records_every_token_and_layer(engine):
 
 
 def _single(tokens):
-    from workers.model.batch import ForwardBatch
+    from raymoe.workers.model.batch import ForwardBatch
     return ForwardBatch.build([tokens], [0]), None
 
 

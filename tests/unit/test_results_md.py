@@ -1,5 +1,5 @@
 """benchmarks/RESULTS.md cannot drift from its data: every table in it is what
-``python -m benchmarks.results_md`` renders from the committed JSON in benchmarks/results/,
+``python -m raymoe.benchmarks.results_md`` renders from the committed JSON in benchmarks/results/,
 every result file is rendered somewhere, and two benchmark runs never share a file."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import result_file
-from benchmarks.results_md import RESULTS_DIR, VIEWS, RenderError, parse_blocks, render_block, render_document
+from raymoe.benchmarks import result_file
+from raymoe.benchmarks.results_md import RESULTS_DIR, VIEWS, RenderError, parse_blocks, render_block, render_document
 
 RESULTS_MD = RESULTS_DIR.parent / "RESULTS.md"
 # Tables that describe, not measure (no number in them comes from a run).
@@ -32,7 +32,7 @@ def test_results_md_is_what_its_json_renders_to():
     rendered = render_document(text)
     diff = "".join(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True), "RESULTS.md",
                                         "rendered from benchmarks/results", n=1))
-    assert rendered == text, (f"RESULTS.md differs from its JSON; run `python -m benchmarks.results_md` (and never "
+    assert rendered == text, (f"RESULTS.md differs from its JSON; run `python -m raymoe.benchmarks.results_md` (and never "
                               f"edit a table by hand):\n{diff[:4000]}")
 
 
@@ -124,9 +124,9 @@ def test_the_file_name_follows_from_the_arguments(argv, name):
 
 def test_a_result_file_records_what_produced_it(tmp_path):
     args = _layouts_parser().parse_args(["--ranks", "2"])
-    meta = result_file.run_meta("benchmarks.layouts", ["--ranks", "2"], args, model="tiny-moe")
+    meta = result_file.run_meta("raymoe.benchmarks.layouts", ["--ranks", "2"], args, model="tiny-moe")
     path = result_file.write(tmp_path / "layouts_r2.json", meta, {"rows": []})
-    assert meta["command"].endswith("-m benchmarks.layouts --ranks 2")
+    assert meta["command"].endswith("-m raymoe.benchmarks.layouts --ranks 2")
     assert {"date", "machine", "packages", "args"} <= set(meta)
     assert path.read_text().startswith('{\n  "meta": {\n    "benchmark": "layouts",')
     with pytest.raises(ValueError, match="own 'meta' key"):

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.model.config import RouterConfig
-from workers.model.router import select_experts
+from raymoe.workers.model.config import RouterConfig
+from raymoe.workers.model.router import select_experts
 
 
 @st.composite

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from tests.tiny_models import hf_config
-from workers.model.batch import ForwardBatch
-from workers.model.checkpoint import load_model
-from workers.model.decoder import MoEForCausalLM
-from workers.model.errors import UnsupportedModelError
-from workers.model.export import hf_config as export_config
-from workers.model.export import save_checkpoint
-from workers.model.families import parse_config
-from workers.tokenizer import Tokenizer
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.model.decoder import MoEForCausalLM
+from raymoe.workers.model.errors import UnsupportedModelError
+from raymoe.workers.model.export import hf_config as export_config
+from raymoe.workers.model.export import save_checkpoint
+from raymoe.workers.model.families import parse_config
+from raymoe.workers.tokenizer import Tokenizer
 
 TINY = Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
 SNIPPET = '''def fib(n: int) -> list[int]:

@@ -1,5 +1,6 @@
 """The built wheel works on its own: installed into a fresh folder and run from outside the
-checkout, it finds its package data (KubeRay CRDs, the Helm chart, configs)."""
+checkout, it puts only `raymoe` on the import path and finds its package data (KubeRay
+CRDs, the Helm chart, configs, the gRPC stubs, the tiny model)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,13 @@ def run(installed: dict, *args: str, stdin: str | None = None) -> subprocess.Com
                           capture_output=True, text=True, timeout=300)
 
 
+def test_only_raymoe_is_installed(installed):
+    top = sorted(p.name for p in installed["site"].iterdir() if not p.name.endswith(".dist-info"))
+    assert top == ["bin", "raymoe"] or top == ["raymoe"], top
+
+
 def test_the_installed_package_is_the_one_that_runs(installed):
-    done = run(installed, "-c", "import cluster.k8s as k; print(k.__file__); print(k.DEFAULT_CRDS)")
+    done = run(installed, "-c", "import raymoe.deploy.k8s.render as k; print(k.__file__); print(k.DEFAULT_CRDS)")
     assert done.returncode == 0, done.stderr
     module, crds = done.stdout.split()
     assert Path(module).is_relative_to(installed["site"]) and Path(crds).is_relative_to(installed["site"])
@@ -44,8 +50,17 @@ def test_the_installed_package_is_the_one_that_runs(installed):
 
 
 def test_k8s_render_and_check_from_the_installed_package(installed):
-    rendered = run(installed, "-m", "cluster.cli", "k8s", "render", "--benchmark")
+    rendered = run(installed, "-m", "raymoe.deploy.cli", "k8s", "render", "--benchmark")
     assert rendered.returncode == 0, rendered.stderr
-    checked = run(installed, "-m", "cluster.cli", "k8s", "check", "-", stdin=rendered.stdout)
+    checked = run(installed, "-m", "raymoe.deploy.cli", "k8s", "check", "-", stdin=rendered.stdout)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "RayService raymoe" in checked.stdout and "RayJob" in checked.stdout and "ok" in checked.stdout
+
+
+def test_the_public_api_grpc_stubs_and_model_come_with_it(installed):
+    code = ("import raymoe, raymoe.deploy.grpc_stubs as g; from raymoe.deploy.cli import DEFAULT_MODEL; "
+            "print(raymoe.LLM.__module__, g.raymoe_pb2.__file__, (DEFAULT_MODEL / 'model.safetensors').is_file())")
+    done = run(installed, "-c", code)
+    assert done.returncode == 0, done.stderr
+    module, stubs, model = done.stdout.split()
+    assert module == "raymoe.llm" and Path(stubs).is_relative_to(installed["site"]) and model == "True"

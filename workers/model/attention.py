@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from workers.model.batch import ForwardBatch
-from workers.model.config import ModelConfig
-from workers.model.kv_cache import KVCache
-from workers.model.norm import RMSNorm
-from workers.model.rope import apply_rope, rope_cos_sin
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.config import ModelConfig
+from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.norm import RMSNorm
+from raymoe.workers.model.rope import apply_rope, rope_cos_sin
 
 
 def cache_shapes(config: ModelConfig) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from workers.model.config import ModelConfig
-from workers.model.decoder import MoEForCausalLM
-from workers.model.errors import (
+from raymoe.workers.model.config import ModelConfig
+from raymoe.workers.model.decoder import MoEForCausalLM
+from raymoe.workers.model.errors import (
     CheckpointError,
     ConfigFieldError,
     MissingWeightError,
@@ -24,7 +24,7 @@ from workers.model.errors import (
     QuantizedWeightError,
     WeightShapeError,
 )
-from workers.model.families import checkpoint_key, expert_keys, family_of, parse_config
+from raymoe.workers.model.families import checkpoint_key, expert_keys, family_of, parse_config
 
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[a-z_]+\.experts\.(\d+)\.")

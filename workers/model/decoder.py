@@ -14,14 +14,14 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from workers.model.attention import Attention, LatentAttention
-from workers.model.batch import ForwardBatch
-from workers.model.config import ModelConfig
-from workers.model.kv_cache import KVCache
-from workers.model.mlp import GatedMLP
-from workers.model.moe import MoEBlock
-from workers.model.norm import RMSNorm
-from workers.model.router import Routing
+from raymoe.workers.model.attention import Attention, LatentAttention
+from raymoe.workers.model.batch import ForwardBatch
+from raymoe.workers.model.config import ModelConfig
+from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.mlp import GatedMLP
+from raymoe.workers.model.moe import MoEBlock
+from raymoe.workers.model.norm import RMSNorm
+from raymoe.workers.model.router import Routing
 
 
 class ExpertExecutor(Protocol):

@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from workers.model.config import ModelConfig
-from workers.model.decoder import MoEForCausalLM
-from workers.model.errors import CheckpointError, UnsupportedModelError
-from workers.model.families import checkpoint_key, expert_keys, family_of
+from raymoe.workers.model.config import ModelConfig
+from raymoe.workers.model.decoder import MoEForCausalLM
+from raymoe.workers.model.errors import CheckpointError, UnsupportedModelError
+from raymoe.workers.model.families import checkpoint_key, expert_keys, family_of
 
 WEIGHTS_FILE = "model.safetensors"
 _ARCHITECTURES = {

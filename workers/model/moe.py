@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.model.config import ModelConfig
-from workers.model.experts import ExpertStack, combine
-from workers.model.mlp import GatedMLP
-from workers.model.router import Router, Routing
+from raymoe.workers.model.config import ModelConfig
+from raymoe.workers.model.experts import ExpertStack, combine
+from raymoe.workers.model.mlp import GatedMLP
+from raymoe.workers.model.router import Router, Routing
 
 
 class MoEBlock(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model.config import RouterConfig
+from raymoe.workers.model.config import RouterConfig
 
 
 class Routing(NamedTuple):

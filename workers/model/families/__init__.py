@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from workers.model.config import ModelConfig
-from workers.model.errors import ConfigFieldError, UnsupportedModelError
-from workers.model.families import deepseek, mixtral, olmoe, qwen_moe
-from workers.model.families.raw_config import RawConfig
+from raymoe.workers.model.config import ModelConfig
+from raymoe.workers.model.errors import ConfigFieldError, UnsupportedModelError
+from raymoe.workers.model.families import deepseek, mixtral, olmoe, qwen_moe
+from raymoe.workers.model.families.raw_config import RawConfig
 
 _FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek)
 FAMILY_BY_MODEL_TYPE: dict[str, ModuleType] = {t: f for f in _FAMILIES for t in f.MODEL_TYPES}

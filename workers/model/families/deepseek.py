@@ -10,9 +10,9 @@ the choice only, group score = sum of the group's two best, weights renormalised
 
 from __future__ import annotations
 
-from workers.model.config import MLAConfig, ModelConfig, RouterConfig
-from workers.model.errors import ConfigFieldError
-from workers.model.families.raw_config import RawConfig
+from raymoe.workers.model.config import MLAConfig, ModelConfig, RouterConfig
+from raymoe.workers.model.errors import ConfigFieldError
+from raymoe.workers.model.families.raw_config import RawConfig
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 MOE_PREFIX = "mlp"

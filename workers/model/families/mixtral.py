@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers.model.config import ModelConfig, RouterConfig
-from workers.model.families.raw_config import RawConfig
+from raymoe.workers.model.config import ModelConfig, RouterConfig
+from raymoe.workers.model.families.raw_config import RawConfig
 
 MODEL_TYPES = ("mixtral",)
 MOE_PREFIX = "block_sparse_moe"

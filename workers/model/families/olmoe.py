@@ -3,8 +3,8 @@ query and key projections, optional ``clip_qkv``. Every layer is MoE."""
 
 from __future__ import annotations
 
-from workers.model.config import ModelConfig, RouterConfig
-from workers.model.families.raw_config import RawConfig
+from raymoe.workers.model.config import ModelConfig, RouterConfig
+from raymoe.workers.model.families.raw_config import RawConfig
 
 MODEL_TYPES = ("olmoe",)
 MOE_PREFIX = "mlp"

@@ -8,9 +8,9 @@ has RMSNorm on every query and key head.
 
 from __future__ import annotations
 
-from workers.model.config import ModelConfig, RouterConfig
-from workers.model.errors import ConfigFieldError
-from workers.model.families.raw_config import RawConfig
+from raymoe.workers.model.config import ModelConfig, RouterConfig
+from raymoe.workers.model.errors import ConfigFieldError
+from raymoe.workers.model.families.raw_config import RawConfig
 
 MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 MOE_PREFIX = "mlp"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.model.errors import ConfigFieldError, UnsupportedModelError
+from raymoe.workers.model.errors import ConfigFieldError, UnsupportedModelError
 
 _MISSING = object()
 

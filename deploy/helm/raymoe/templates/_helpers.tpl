@@ -46,8 +46,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* serveConfigV2: the raymoe Serve application (deploy/serve_config.yaml, in-cluster). */}}
 {{- define "raymoe.serveConfig" -}}
 {{- $args := dict "config" "/etc/raymoe/deployment.yaml" "model_name" (include "raymoe.modelName" .) "api_key_env" "RAYMOE_API_KEY" -}}
-{{- $app := dict "name" "raymoe" "route_prefix" "/" "import_path" "deploy.server:build_app" "args" $args -}}
-{{- $grpc := dict "port" .Values.serve.grpcPort "grpc_servicer_functions" (list "deploy.grpc_stubs.add_RaymoeServiceServicer_to_server") -}}
+{{- $app := dict "name" "raymoe" "route_prefix" "/" "import_path" "raymoe.deploy.server:build_app" "args" $args -}}
+{{- $grpc := dict "port" .Values.serve.grpcPort "grpc_servicer_functions" (list "raymoe.deploy.grpc_stubs.add_RaymoeServiceServicer_to_server") -}}
 {{- $cfg := dict "proxy_location" "HeadOnly" "http_options" (dict "host" "0.0.0.0" "port" .Values.serve.httpPort) "grpc_options" $grpc "applications" (list $app) -}}
 {{- toYaml $cfg -}}
 {{- end -}}

@@ -5,7 +5,7 @@
   would silently prune it (a typo that would vanish on ``kubectl apply``);
 - ``serveConfigV2`` against Ray Serve's own config schema (``ServeDeploySchema``), its
   applications' import paths importable and their arguments accepted by the builder;
-- the raymoe deployment config in the ConfigMap against ``cluster.config``.
+- the raymoe deployment config in the ConfigMap against ``raymoe.cluster.config``.
 
 Each check returns a list of messages (empty: fine), each naming the object and the path.
 Input that is not a Kubernetes object at all (a binary file, broken YAML, a document that
@@ -162,10 +162,10 @@ def serve_config_errors(text: str) -> list[str]:
         except (ImportError, AttributeError) as exc:
             errors.append(f"serveConfigV2 application {app.name}: import_path {app.import_path!r}: {exc}")
             continue
-        if app.import_path == "deploy.server:build_app":
+        if app.import_path == "raymoe.deploy.server:build_app":
             from pydantic import ValidationError as ArgsError
 
-            from deploy.server import ServeArgs
+            from raymoe.deploy.server import ServeArgs
 
             try:
                 ServeArgs(**(app.args or {}))
@@ -178,7 +178,7 @@ def serve_config_errors(text: str) -> list[str]:
 
 def config_map_errors(obj: dict) -> list[str]:
     """The raymoe deployment config (and plan) in the ConfigMap, as the pods will load them."""
-    from cluster.config import DeploymentConfigError, parse_config
+    from raymoe.cluster.config import DeploymentConfigError, parse_config
 
     errors = []
     text = obj["data"]["deployment.yaml"]

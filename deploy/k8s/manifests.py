@@ -5,7 +5,7 @@ The Helm chart's templates (``deploy/helm/raymoe/templates/``) build the same ob
 ``tests/unit/test_helm_chart.py`` compares the two where ``helm`` is installed.
 
 Objects: a ConfigMap (the raymoe deployment config, the placement plan), a RayService
-(Serve app ``deploy.server:build_app``; head + one worker group per plan node, labelled
+(Serve app ``raymoe.deploy.server:build_app``; head + one worker group per plan node, labelled
 for node pinning; a Serve Service for HTTP and gRPC), optionally a Service + ServiceMonitor
 for Prometheus, and optionally a RayJob that runs the benchmark suite.
 """
@@ -20,7 +20,7 @@ import yaml
 CHART_NAME, CHART_VERSION = "raymoe", "0.1.0"
 CONFIG_DIR = "/etc/raymoe"
 RESULTS_DIR = "/results"
-GRPC_SERVICER = "deploy.grpc_stubs.add_RaymoeServiceServicer_to_server"
+GRPC_SERVICER = "raymoe.deploy.grpc_stubs.add_RaymoeServiceServicer_to_server"
 RAY_METRICS_PORT = 8080
 
 
@@ -73,7 +73,7 @@ def serve_config(values: dict) -> dict:
         "http_options": {"host": "0.0.0.0", "port": values["serve"]["httpPort"]},
         "grpc_options": {"port": values["serve"]["grpcPort"], "grpc_servicer_functions": [GRPC_SERVICER]},
         "applications": [{
-            "name": "raymoe", "route_prefix": "/", "import_path": "deploy.server:build_app",
+            "name": "raymoe", "route_prefix": "/", "import_path": "raymoe.deploy.server:build_app",
             "args": {"config": f"{CONFIG_DIR}/deployment.yaml", "model_name": model_name(values),
                      "api_key_env": "RAYMOE_API_KEY"},
         }],

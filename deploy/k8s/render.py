@@ -1,16 +1,16 @@
 """``raymoe k8s render``: the KubeRay manifests of a raymoe deployment, from the Helm
 chart's values and a raymoe deployment config, without ``helm``.
 
-    python -m cluster.k8s render --config deploy/configs/tiny.yaml [-f my-values.yaml] \\
+    python -m raymoe.deploy.k8s.render render --config deploy/configs/tiny.yaml [-f my-values.yaml] \\
         [--set workers.nodes=2] [--release raymoe] [--benchmark] [--out manifests.yaml]
-    python -m cluster.k8s values --config deploy/configs/tiny.yaml > values-tiny.yaml   # for helm -f
+    python -m raymoe.deploy.k8s.render values --config deploy/configs/tiny.yaml > values-tiny.yaml   # for helm -f
 
 Values are layered as in Helm: the chart's ``values.yaml``, then what the deployment
 config implies (``--config``: its fields, the model directory's name, its placement plan
 and the plan's node count), then ``-f`` files, then ``--set``. The result is checked
 against the chart's ``values.schema.json`` (what ``helm install`` checks) and then
 against the rules a schema cannot state (ranks per node, GPUs, the plan's shape); the
-deployment config the pods will read is validated by ``cluster.config``. Every refusal
+deployment config the pods will read is validated by ``raymoe.cluster.config``. Every refusal
 is a ``ValuesError`` naming the value's path, the value and the fix.
 
 ``add_arguments(parser)`` / ``run(args)`` are what ``cluster/cli.py`` wires up as ``raymoe k8s``.
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from cluster import k8s_manifests
-from cluster.config import DeploymentConfigError, load_config, parse_config
+from raymoe.deploy.k8s import manifests as k8s_manifests
+from raymoe.cluster.config import DeploymentConfigError, load_config, parse_config
 
-CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "raymoe"
+CHART = Path(__file__).resolve().parent.parent / "helm" / "raymoe"  # deploy/helm/raymoe
 
 
 class ValuesError(ValueError):
@@ -75,7 +75,7 @@ def values_from_config(config_path: str | Path) -> dict:
     placement = dict(raymoe.get("placement") or {})
     values: dict = {"model": {"path": Path(config.model).name}}
     if placement.pop("plan", None):
-        from placement.plan import PlacementPlan
+        from raymoe.placement.plan import PlacementPlan
 
         plan_path = _resolve(config.placement.plan, Path(config_path).parent)
         plan = PlacementPlan.load(plan_path)
@@ -91,7 +91,7 @@ def _resolve(path: str, config_dir: Path) -> str:
     for candidate in (Path(path), config_dir / path):
         if candidate.exists():
             return str(candidate)
-    raise DeploymentConfigError("placement.plan", path, f"no such file (looked here and in {config_dir})")
+    raise DeploymentConfigError("raymoe.placement.plan", path, f"no such file (looked here and in {config_dir})")
 
 
 def load_values(config: str | Path | None = None, files: list[str | Path] = (), sets: list[str] = (),
@@ -160,8 +160,8 @@ def check_values(values: dict) -> None:
 def _check_plan(text: str, ranks: int, nodes: int) -> None:
     import tempfile
 
-    from placement.errors import PlacementError
-    from placement.plan import PlacementPlan
+    from raymoe.placement.errors import PlacementError
+    from raymoe.placement.plan import PlacementPlan
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(text)
@@ -204,7 +204,7 @@ DEFAULT_CRDS = CHART.parent.parent / "k8s" / "crds"  # package data: KubeRay's C
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="k8s_command", required=True)
     check = sub.add_parser("check", help="check manifests (e.g. `helm template` output) against the KubeRay CRDs, "
-                                         "Ray Serve's config schema and cluster.config")
+                                         "Ray Serve's config schema and raymoe.cluster.config")
     check.add_argument("files", nargs="+", type=Path, help="multi-document YAML files; - for stdin")
     check.add_argument("--crds", type=Path, default=DEFAULT_CRDS,
                        help="directory with ray.io_rayservices.yaml and ray.io_rayjobs.yaml (KubeRay's helm-chart/"
@@ -228,7 +228,7 @@ def check_files(files: list[Path], crds: Path) -> int:
     """Check every object of ``files`` (``-``: stdin). Exit status: 0 all good, 1 some
     object breaks a check, 2 some input is not Kubernetes objects at all (one error line
     per such file or document on stderr; the other objects are still checked)."""
-    from cluster.k8s_validate import MANIFESTS, ManifestError, check_object, load_documents, manifest_errors
+    from raymoe.deploy.k8s.validate import MANIFESTS, ManifestError, check_object, load_documents, manifest_errors
 
     objects, malformed = [], []
     for path in files:
@@ -261,7 +261,7 @@ def check_files(files: list[Path], crds: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from placement.errors import PlacementError
+    from raymoe.placement.errors import PlacementError
 
     if args.k8s_command == "check":
         return check_files(args.files, args.crds)

@@ -15,7 +15,7 @@ token that is passed to every node and driver in the environment (``RAY_AUTH_MOD
 process whose command line still names this cluster's private temp dir. It never runs
 ``ray stop``, which would stop every Ray on the machine.
 
-    python -m cluster.local_cluster --workers 2 --cpus 2      # prints the address and env; Ctrl-C stops it
+    python -m tools.local_cluster --workers 2 --cpus 2      # prints the address and env; Ctrl-C stops it
 """
 
 from __future__ import annotations
