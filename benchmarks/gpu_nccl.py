@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from raymoe.workers.process_group import destroy_group, free_port, init_group
+from raymoe.workers.process_group import free_port, join_groups, leave_groups
 from raymoe.placement.build import build_plan
 from raymoe.workers.collectives import Collectives
 from raymoe.workers.dispatch import (
@@ -98,11 +98,13 @@ def phase_times(x, ids, weights, layer_map, stack, group, world: int, iters: int
 def rank_main(rank: int, world: int, address: str, backend: str, hidden: int, batches: list[int], results) -> None:
     """One spawned rank: join, check, time. Puts ``(rank, dict)`` on ``results``."""
     out: dict = {"rank": rank}
+    groups = None
     try:
         device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        group = Collectives(init_group(backend, address, rank, world, 60.0))
+        groups = join_groups(backend, address, rank, world, 60.0)
+        group = Collectives(groups.expert_parallel)
         layer_map = layer_maps(build_plan("linear", num_layers=1, num_experts=EXPERTS, num_ranks=world))[0].to(device)
         for dtype_name, dtype in DTYPES.items():
             full = full_stack(hidden, hidden, dtype, device)
@@ -129,7 +131,7 @@ def rank_main(rank: int, world: int, address: str, backend: str, hidden: int, ba
     except Exception as exc:  # noqa: BLE001 -- the error is the result
         out["error"] = f"{type(exc).__name__}: {exc}"[:3000]
     finally:
-        destroy_group()
+        leave_groups(groups)
     results.put((rank, out))
 
 

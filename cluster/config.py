@@ -16,7 +16,7 @@ import yaml
 
 LAYOUTS = ("disaggregated", "coherent")
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("auto", "gloo", "nccl")
+BACKENDS = ("auto", "gloo", "nccl", "local")
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 BUILTIN_POLICIES = ("linear", "round_robin")
 
@@ -147,10 +147,10 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
     _check(c.layout != "coherent" or c.expert_ranks <= 62, "expert_ranks", c.expert_ranks,
            "at most 62 with layout: coherent (partial-output bitmasks are 62 bits)", source)
     p = c.placement
-    _check(p.plan is None or (isinstance(p.plan, str) and bool(p.plan)), "raymoe.placement.plan", p.plan,
+    _check(p.plan is None or (isinstance(p.plan, str) and bool(p.plan)), "placement.plan", p.plan,
            "null or the path of a plan file written by `raymoe plan`", source)
     _check(p.policy in BUILTIN_POLICIES, "placement.policy", p.policy,
-           f"one of {list(BUILTIN_POLICIES)}, or set raymoe.placement.plan to a plan file from `raymoe plan`", source)
+           f"one of {list(BUILTIN_POLICIES)}, or set placement.plan to a plan file from `raymoe plan`", source)
     b = c.batching
     _check(_is_int(b.max_seqs) and 1 <= b.max_seqs <= 4096, "batching.max_seqs", b.max_seqs,
            "an integer in [1, 4096]", source)

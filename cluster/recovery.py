@@ -1,20 +1,22 @@
 """Noticing that a step failed, and which actors are to blame.
 
-A step is one Ray call per actor; the actors then run collectives among themselves. When
-one actor dies (its process killed) the calls of the others fail soon after: their
-collective loses a peer, or times out (``collective_timeout_s``). When one hangs, the
-others fail at the collective timeout and the hung one never returns. So the
-coordinator waits for the calls of a step as follows:
+A step is one message per actor over its channel (``cluster/step_channels.py``); other
+operations are Ray calls. The actors then run collectives among themselves. When one
+actor dies (its process killed) the others fail soon after: their collective loses a
+peer, or times out (``collective_timeout_s``). When one hangs, the others fail at the
+collective timeout and the hung one never answers. So the coordinator waits for the
+replies of a step (or the results of Ray calls, ``wait_all``) as follows:
 
 - all return: the step succeeded;
 - one fails: the others get ``settle_s`` more to return. Each actor is then *dead* (its
-  call raised ``RayActorError``: the process is gone), *hung* (its call has not
-  returned), or *alive* (it returned, with a result or an error such as a broken
+  channel closed or its call raised ``RayActorError``: the process is gone), *hung* (no
+  answer yet), or *alive* (it answered, with a result or an error such as a broken
   collective);
 - nothing returns for ``step_timeout_s``: every actor still running is hung.
 
-``StepFailure`` carries that verdict. ``Recovering`` (a base of ``Deployment``) then
-replaces the dead and the hung, rebuilds the process group and replays the step.
+``StepFailure`` carries that verdict. ``RecoveryPolicy`` (the Ray executor's) then
+replaces the dead and the hung and rebuilds the process groups; the engine replays the
+step, every running sequence re-prefilling its committed tokens (``Replay``).
 
 Fallback to replicas (disaggregated layout, gloo): when every expert of the failed
 expert ranks has a replica on a live rank, a standby actor (started with the deployment,
@@ -35,7 +37,6 @@ import ray
 from ray.exceptions import RayActorError
 
 from raymoe.workers.expert_map import without_ranks
-from raymoe.workers.step import StepInput
 
 log = logging.getLogger("raymoe")
 
@@ -118,70 +119,82 @@ def settle(refs: list, timeout_s: float) -> list[bool]:
     return ok
 
 
-class Recovering:
-    """Recovery for ``cluster.coordinator.Deployment``, which provides ``actors``,
-    ``maps``, ``config``, ``scheduler``, ``backend``, ``recoveries``, ``_new_actor``,
-    ``_new_standby``, ``_join_all``, ``_wait`` and ``_seq_step``."""
+class RecoveryPolicy:
+    """Recovery of an ``ActorSet`` (``cluster/actors.py``), owned by the Ray executor: it
+    replaces what failed, rebuilds the process groups and says what must be replayed.
 
-    standby = None  # an ExpertWorker holding no experts, or None
-    _fallback_since = 0.0  # time.perf_counter() when the last fallback began
-    _pending: dict  # actor index -> (replacement actor, its readiness ref), while serving degraded
+    ``recoveries`` keeps one ``Recovery`` per recovery (``Deployment.recoveries``)."""
 
-    def _recover(self, failure: StepFailure, step_id: int, detect_seconds: float, replace_all: bool = False) -> None:
+    def __init__(self, actors, config):
+        self.actors, self.config = actors, config  # an ActorSet, a DeploymentConfig
+        self.recoveries: list[Recovery] = []
+        self._fallback_since = 0.0  # time.perf_counter() when the last fallback began
+        self._pending: dict = {}  # actor index -> (replacement actor, its readiness ref), while serving degraded
+
+    def take_pending(self) -> list:
+        """The replacements still loading after a fallback (for shutdown); forgets them."""
+        actors, self._pending = [replacement for replacement, _ in self._pending.values()], {}
+        return actors
+
+    def recover(self, failure: StepFailure, step_id: int, detect_seconds: float, running: int,
+                replace_all: bool = False) -> Recovery:
         """Replace the dead and hung actors (a new actor reloads its weights from the
         checkpoint), have the survivors leave the broken group (one that cannot is
-        replaced too), and rebuild the process group with every actor. With a standby
+        replaced too), and rebuild the process groups with every actor. With a standby
         and replicas of the failed ranks' experts, the standby steps in at once and the
-        replacement loads in the background (module docstring)."""
-        started = time.perf_counter()
+        replacement loads in the background (module docstring). ``running``: sequences
+        that replay (their KV caches are to be forgotten by the caller)."""
+        group, started = self.actors, time.perf_counter()
         log.warning("step %d failed (%s); recovering", step_id, failure)
-        broken = set(range(len(self.actors))) if replace_all else set(failure.broken)
+        broken = set(range(len(group.actors))) if replace_all else set(failure.broken)
         broken |= self._abandon_fallback()
-        survivors = [i for i in range(len(self.actors)) if i not in broken]
-        left = settle([self.actors[i].leave.remote() for i in survivors], self.config.recovery.settle_s)
+        survivors = [i for i in range(len(group.actors)) if i not in broken]
+        left = settle([group.actors[i].leave.remote() for i in survivors], self.config.recovery.settle_s)
         broken |= {i for i, ok in zip(survivors, left) if not ok}
         left_at = time.perf_counter()
         degraded = self._fallback_maps(broken)
         for i in sorted(broken):
-            ray.kill(self.actors[i], no_restart=True)
+            ray.kill(group.actors[i], no_restart=True)
             if degraded is not None:  # the standby serves rank i - 1 (no experts) while its replacement loads
                 self._fallback_since = started
-                replacement = self._new_actor(i)
+                replacement = group.new_actor(i)
                 self._pending[i] = (replacement, replacement.where.remote())
-                self.actors[i], self.standby = self.standby, None
+                group.replace(i, group.standby)
+                group.standby = None
             else:
-                self.actors[i] = self._new_actor(i)
-        self._join_all()
+                group.replace(i, group.new_actor(i))
+        group.join_all()
         if degraded is not None:
-            self._wait([a.adopt_maps.remote(degraded, i - 1) for i, a in enumerate(self.actors)])
+            group.wait([a.adopt_maps.remote(degraded, i - 1) for i, a in enumerate(group.actors)])
         log.info("recovery phases: survivors left the group in %.2f s; replacements up and group joined in %.2f s",
                  left_at - started, time.perf_counter() - left_at)
         record = Recovery(step_id, sorted(broken), failure.dead, failure.hung, detect_seconds,
-                          time.perf_counter() - started, len(self.scheduler.running), str(failure)[:300],
-                          fallback=degraded is not None)
+                          time.perf_counter() - started, running, str(failure)[:300], fallback=degraded is not None)
         self.recoveries.append(record)
         log.warning("recovered from the failure of step %d in %.1f s (noticed after %.1f s): replaced actors %s%s; "
                     "%d sequences replay from their committed tokens", step_id, record.seconds, detect_seconds,
                     record.replaced, " (standby on replicas while the replacement loads)" if record.fallback else "",
                     record.replayed_seqs)
+        return record
 
     def _fallback_maps(self, broken: set[int]):
         """Maps without the broken expert ranks, when a standby can take their place (one
         broken expert rank, disaggregated, gloo, every expert replicated elsewhere)."""
-        c = self.config
-        if (not c.recovery.fallback_to_replicas or self.standby is None or c.layout != "disaggregated"
-                or self.backend != "gloo" or len(broken) != 1 or 0 in broken):
+        c, group = self.config, self.actors
+        if (not c.recovery.fallback_to_replicas or group.standby is None or c.layout != "disaggregated"
+                or group.backend == "nccl" or len(broken) != 1 or 0 in broken):
             return None
-        if not settle([self.standby.where.remote()], c.recovery.settle_s)[0]:  # the standby itself is gone
-            self.standby = None
+        if not settle([group.standby.where.remote()], c.recovery.settle_s)[0]:  # the standby itself is gone
+            group.standby = None
             return None
-        return without_ranks(self.maps, {i - 1 for i in broken})
+        return without_ranks(group.maps, {i - 1 for i in broken})
 
-    def _restore_if_ready(self, wait: bool = False) -> None:
+    def restore_if_ready(self, wait: bool = False) -> None:
         """Between steps: once the replacements have loaded, they take their ranks back
         from the standby and the full plan is restored (and a new standby started)."""
         if not self._pending:
             return
+        group = self.actors
         refs = [ref for _, ref in self._pending.values()]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
         if len(ready) < len(refs):
@@ -190,18 +203,18 @@ class Recovering:
             return
         try:
             ray.get(refs)  # a replacement that died while loading raises here
-            settle([a.leave.remote() for a in self.actors], self.config.recovery.settle_s)
+            settle([a.leave.remote() for a in group.actors], self.config.recovery.settle_s)
             for i, (replacement, _) in self._pending.items():
-                ray.kill(self.actors[i], no_restart=True)  # the standby that served rank i - 1
-                self.actors[i] = replacement
+                ray.kill(group.actors[i], no_restart=True)  # the standby that served rank i - 1
+                group.replace(i, replacement)
             self._pending = {}
-            self._join_all()
-            self._wait([a.adopt_maps.remote(self.maps, i - 1) for i, a in enumerate(self.actors)])
+            group.join_all()
+            group.wait([a.adopt_maps.remote(group.maps, i - 1) for i, a in enumerate(group.actors)])
         except Exception as exc:  # a double fault: recover the plain way (every actor re-checked)
             raise StepFailure([], [], {-1: exc}) from exc
         rec = self.recoveries[-1]
         self.recoveries[-1] = dataclasses.replace(rec, restored_seconds=time.perf_counter() - self._fallback_since)
-        self.standby = self._new_standby()
+        group.standby = group.new_standby()
         log.warning("full plan restored: the replacement of actors %s is up after %d steps on replicas",
                     rec.replaced, rec.degraded_steps)
 
@@ -212,18 +225,3 @@ class Recovering:
             ray.kill(replacement, no_restart=True)
         broken, self._pending = set(self._pending), {}
         return broken
-
-    def restore(self) -> None:
-        """Wait for replacements still loading after a fallback and restore the full plan
-        (``Deployment.set_plan`` does this first; also useful before measuring)."""
-        self._restore_if_ready(wait=True)
-
-    def _replay(self, step: StepInput) -> StepInput:
-        """The step again, every sequence re-prefilling its committed tokens (prompt and the
-        tokens sampled so far): a replaced actor's KV cache is empty, and a survivor's may
-        hold half a step. Sampling is stateless per (seed, token index), so the replayed
-        step samples what the failed one would have."""
-        for seq in self.scheduler.running:
-            seq.cached = 0
-        return StepInput(step.step_id, [self._seq_step(s) for s in self.scheduler.running], step.return_logits)
-

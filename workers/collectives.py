@@ -60,8 +60,10 @@ class Collectives:
     order, with the same ``purpose``.
     """
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, transport=None):
+        """``transport``: a same-node ``LocalTransport`` that carries the data instead of
+        ``group``'s backend (counted the same way), or None."""
+        self.group, self.transport = group, transport
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.tally = Tally.zero()
@@ -75,7 +77,10 @@ class Collectives:
         """``send [sum(send_splits), ...]`` (rows grouped by destination rank) -> the rows
         received, ``[sum(recv_splits), ...]`` grouped by source rank. One ``all_to_all_single``."""
         recv = send.new_empty(sum(recv_splits), *send.shape[1:])
-        dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
+        if self.transport is not None:
+            self.transport.all_to_all_single(recv, send, recv_splits, send_splits)
+        else:
+            dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
         self._count(purpose, (sum(send_splits) - send_splits[self.rank]) * _row_bytes(send))
         return recv
 
@@ -84,16 +89,21 @@ class Collectives:
         ``all_to_all_single`` of W int64."""
         send = torch.tensor(counts, dtype=torch.int64, device=device)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        if self.transport is not None:
+            self.transport.all_to_all_single(recv, send, [1] * self.world, [1] * self.world)
+        else:
+            dist.all_to_all_single(recv, send, group=self.group)
         self._count(purpose, (self.world - 1) * 8)
         return recv.tolist()
 
     def gather_counts(self, purpose: str, count: int, device: torch.device) -> list[int]:
         """Every rank's ``count``, in rank order: one ``all_gather`` of one int64."""
+        self._count(purpose, (self.world - 1) * 8)
+        if self.transport is not None:
+            return self.transport.all_gather_int(count)
         mine = torch.tensor([count], dtype=torch.int64, device=device)
         out = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(out, mine, group=self.group)
-        self._count(purpose, (self.world - 1) * 8)
         return [int(c) for c in out]
 
     def snapshot(self) -> Tally:

@@ -1,10 +1,18 @@
 """The request loop shared by the reference engine and the distributed deployment:
-queue requests, schedule a step, execute it, commit the sampled tokens."""
+queue requests, schedule a step, have the executor run it, commit the sampled tokens.
+
+``Engine(executor, scheduler, tokenizer)``: the executor runs one forward pass +
+sampling (``LocalExecutor``: the model in this process; ``RayExecutor`` in
+``raymoe.cluster``: actors on Ray). When an executor recovers from a failure it raises
+``Replay``: the engine has the scheduler forget the sequences' KV caches and runs the
+step again from their committed tokens.
+"""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -43,6 +51,19 @@ class QueueFullError(RuntimeError):
         super().__init__(f"{waiting} requests are waiting (queue limit {limit}); retry later")
 
 
+class Replay(Exception):
+    """Raised by an executor that recovered from a failed step: every running sequence's
+    KV cache is gone; run the step again with each re-prefilling its committed tokens.
+    Sampling is stateless per (seed, token index), so the replay samples what the failed
+    step would have."""
+
+
+class Executor(Protocol):
+    """Runs steps: one forward pass over the step's sequences and one sampled token each."""
+
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+
 def finish_text(tokenizer: Tokenizer | None, seq: Sequence) -> str | None:
     """Decoded output, cut before the first stop string."""
     if tokenizer is None:
@@ -55,16 +76,26 @@ def finish_text(tokenizer: Tokenizer | None, seq: Sequence) -> str | None:
 
 
 class Engine:
-    """Subclasses implement ``_execute(step) -> StepOutput``: one forward pass + sampling."""
+    """Requests in, completions out, over any ``Executor``."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer | None, max_queue: int | None = None):
+    def __init__(self, executor: Executor, scheduler: Scheduler, tokenizer: Tokenizer | None,
+                 max_queue: int | None = None):
+        self.executor = executor
         self.scheduler, self.tokenizer, self.max_queue = scheduler, tokenizer, max_queue
         self._step_ids = itertools.count()
         self._seq_ids = itertools.count()
         self._seq_of: dict[str, int] = {}  # request id -> integer sequence id (traces)
 
-    def _execute(self, step: StepInput) -> StepOutput:
-        raise NotImplementedError
+    def _execute(self, seqs: list[Sequence], return_logits: bool) -> StepOutput:
+        """Run one step; after a recovery (``Replay``) run it again from the committed tokens
+        (the executor decides how often it recovers before it gives up)."""
+        step = StepInput(next(self._step_ids), [self._seq_step(s) for s in seqs], return_logits)
+        while True:
+            try:
+                return self.executor.execute(step)
+            except Replay:
+                self.scheduler.forget_kv(seqs)
+                step = StepInput(step.step_id, [self._seq_step(s) for s in seqs], return_logits)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; it joins the batch at the next step. Bad requests raise here."""
@@ -93,7 +124,7 @@ class Engine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return StepResult({}, [], {})
-        out = self._execute(StepInput(next(self._step_ids), [self._seq_step(s) for s in seqs], return_logits))
+        out = self._execute(seqs, return_logits)
         ids = [s.request.request_id for s in seqs]
         logits = {rid: out.logits[i] for i, rid in enumerate(ids)} if return_logits else {}
         finished = [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)]

@@ -1,13 +1,14 @@
 """torch.distributed process groups for a deployment: backend choice, rendezvous, init.
 
 The coordinator asks rank 0 for a rendezvous address on its own node (its IP, a free
-port), then every actor joins with ``init_group``. Groups are returned, never stored
-in module globals.
+port), then every actor joins with ``join_groups``. Groups are returned in a
+``ProcessGroups``, never stored in module globals.
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -22,6 +23,23 @@ class BackendUnavailable(RuntimeError):
         self.backend, self.rank = backend, rank
 
 
+def data_plane(backend: str, requested: str, node_ips: list[str], gpus_per_actor: float) -> str:
+    """``local`` where gloo would carry CPU tensors between ranks that share one node
+    (``requested`` auto, no GPUs, one node IP): the same-node transport is ~40x faster
+    than gloo there (``workers/local_transport.py``). Otherwise ``backend``.
+
+    Raises ValueError for ``requested`` local when the ranks are on several nodes or have GPUs."""
+    one_node = len(set(node_ips)) == 1
+    if requested == "local":
+        if not one_node or gpus_per_actor:
+            raise ValueError(f"backend local needs every rank on one node and no GPUs (nodes {sorted(set(node_ips))},"
+                             f" {gpus_per_actor:g} GPUs per actor); use auto or gloo")
+        return "local"
+    if requested == "auto" and backend == "gloo" and one_node and not gpus_per_actor:
+        return "local"
+    return backend
+
+
 def pick_backend(requested: str = "auto", gpus_per_actor: float | None = None) -> str:
     """What the config asks for; for ``auto``, NCCL when every rank owns a whole GPU,
     else gloo.
@@ -31,6 +49,8 @@ def pick_backend(requested: str = "auto", gpus_per_actor: float | None = None) -
     CUDA tensors too (through host memory). ``gpus_per_actor=None``: decide by whether
     this process sees CUDA (right only where the caller runs where the ranks do).
     """
+    if requested == "local":
+        return "gloo"  # the groups; data_plane() decides once the actors' nodes are known
     if requested != "auto":
         return requested
     if gpus_per_actor is None:
@@ -51,13 +71,34 @@ def free_port(host: str = "") -> int:
         return sock.getsockname()[1]
 
 
-def init_group(backend: str, address: str, rank: int, world_size: int, timeout_s: float):
-    """Join the deployment's process group; returns it. All ranks must call this.
+@dataclass(frozen=True)
+class ProcessGroups:
+    """The torch.distributed groups one actor belongs to, by name. Passed to what
+    communicates (``workers/collectives.py``), never kept in a module global.
 
-    With NCCL the communicator is bound to this process's current CUDA device (the one
-    Ray assigned: ``CUDA_VISIBLE_DEVICES`` makes it device 0) and created here, not at
-    the first collective, so an NCCL error (two ranks on one GPU, say) fails the join
-    instead of the first step.
+    expert_parallel: every actor of the deployment, front-end ranks first, then expert
+    ranks (the data plane's group). More named groups (front-end groups for M front-ends,
+    DESIGN.md) are added here as fields.
+    """
+
+    backend: str  # gloo, nccl, or local (gloo groups; the data over a same-node LocalTransport)
+    rank: int  # this actor's rank in the deployment
+    size: int
+    expert_parallel: object  # torch.distributed ProcessGroup
+    created: tuple = ()  # the groups join_groups made for this actor, destroyed by leave_groups
+    owns_default: bool = False  # join_groups initialised torch.distributed's default group
+    transport: object = None  # backend local: the LocalTransport of the expert-parallel ranks
+
+
+def join_groups(backend: str, address: str, rank: int, world_size: int, timeout_s: float) -> ProcessGroups:
+    """Join the deployment's process groups; all ranks must call this together.
+
+    torch.distributed needs a default group to make others: it is initialised here (TCP
+    rendezvous at ``address``) unless this process already has one; the named groups are
+    then created over it. With NCCL the communicators are bound to this process's current
+    CUDA device (the one Ray assigned: ``CUDA_VISIBLE_DEVICES`` makes it device 0) and
+    created here, not at the first collective, so an NCCL error (two ranks on one GPU,
+    say) fails the join instead of the first step.
     """
     device = None
     if backend == "nccl":
@@ -65,13 +106,33 @@ def init_group(backend: str, address: str, rank: int, world_size: int, timeout_s
             raise BackendUnavailable(backend, rank, "no CUDA device is visible; give each actor a GPU "
                                      "(resources.gpus_per_actor) or use backend gloo")
         device = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s), device_id=device)
+    torch_backend = "gloo" if backend == "local" else backend
+    owns_default = not dist.is_initialized()
+    if owns_default:
+        dist.init_process_group(torch_backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s), device_id=device)
+    expert_parallel = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=timeout_s),
+                                     backend=torch_backend)
     if device is not None:
-        dist.barrier(device_ids=[device.index])  # every rank's communicator is up before the first step
-    return dist.group.WORLD
+        dist.barrier(group=expert_parallel, device_ids=[device.index])  # communicators up before the first step
+    transport = None
+    if backend == "local":
+        from raymoe.workers.local_transport import LocalTransport
+
+        transport = LocalTransport.connect(address.replace(":", "-"), rank, world_size, timeout_s)
+    return ProcessGroups(backend, rank, world_size, expert_parallel, (expert_parallel,), owns_default, transport)
 
 
-def destroy_group() -> None:
-    if dist.is_initialized():
+def leave_groups(groups: ProcessGroups | None) -> None:
+    """Destroy what ``join_groups`` created for this actor, newest first (and the default
+    group only if it made it)."""
+    if groups is None:
+        return
+    if groups.transport is not None:
+        groups.transport.close()
+    if not dist.is_initialized():
+        return
+    for group in reversed(groups.created):
+        dist.destroy_process_group(group)
+    if groups.owns_default:
         dist.destroy_process_group()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from raymoe.workers.engine import Engine
 from raymoe.workers.model.checkpoint import load_model
-from raymoe.workers.model.decoder import MoEForCausalLM
+from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.runner import ModelRunner
 from raymoe.workers.scheduler import Scheduler
 from raymoe.workers.stats import RuntimeStats, StepStats
@@ -27,6 +28,29 @@ def eos_ids(model_eos: tuple[int, ...], tokenizer: Tokenizer | None, vocab_size:
     return tuple(i for i in eos if i < vocab_size)
 
 
+class LocalExecutor:
+    """The whole model in this process: ``ModelRunner`` with the routed experts run here
+    (or by ``experts()``, a fresh ``ExpertExecutor`` per step: the baselines' hook)."""
+
+    def __init__(self, model: MoEForCausalLM, max_seqs: int, experts: Callable[[], ExpertExecutor] | None = None):
+        self.runner = ModelRunner(model, max_seqs)
+        self.experts = experts
+        self.stats = RuntimeStats()
+        self.steps: list[tuple[ExpertExecutor | None, float, int]] = []  # (experts, seconds, tokens) per step
+
+    def execute(self, step: StepInput) -> StepOutput:
+        experts = self.experts() if self.experts else None
+        started = time.perf_counter()
+        tokens, logits, num_tokens = self.runner.run(step, experts)
+        seconds = time.perf_counter() - started
+        stats = StepStats(num_tokens, len(step.seqs), [])
+        stats.seconds["attention"] = seconds  # everything ran here
+        self.stats.add(stats)
+        if self.experts:
+            self.steps.append((experts, seconds, num_tokens))
+        return StepOutput(tokens, stats, logits)
+
+
 class ReferenceEngine(Engine):
     """Generates with one model on one process.
 
@@ -34,16 +58,22 @@ class ReferenceEngine(Engine):
     """
 
     def __init__(self, model: MoEForCausalLM, tokenizer: Tokenizer | None = None, max_seqs: int = 16,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, experts: Callable[[], ExpertExecutor] | None = None):
         config = model.config
         self.model = model
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
         self.eos_token_ids = eos_ids(config.eos_token_ids, tokenizer, config.vocab_size)
         scheduler = Scheduler(max_seqs, self.max_seq_len, self.eos_token_ids,
                               tokenizer.decode if tokenizer else None, config.vocab_size)
-        super().__init__(scheduler, tokenizer)
-        self.runner = ModelRunner(model, max_seqs)
-        self.stats = RuntimeStats()
+        super().__init__(LocalExecutor(model, max_seqs, experts), scheduler, tokenizer)
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.executor.runner
+
+    @property
+    def stats(self) -> RuntimeStats:
+        return self.executor.stats
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, moge_groups: int | None = None,
@@ -65,11 +95,3 @@ class ReferenceEngine(Engine):
     def expert_loads(self):
         """Tokens per expert per MoE layer ``[L, E]`` since ``record_trace()``."""
         return self.recorder.loads()
-
-    def _execute(self, step: StepInput) -> StepOutput:
-        started = time.perf_counter()
-        tokens, logits, num_tokens = self.runner.run(step)
-        stats = StepStats(num_tokens, len(step.seqs), [])
-        stats.seconds["attention"] = time.perf_counter() - started  # everything ran here
-        self.stats.add(stats)
-        return StepOutput(tokens, stats, logits)

@@ -104,6 +104,13 @@ class Scheduler:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
 
+    def forget_kv(self, seqs: list[Sequence] | None = None) -> None:
+        """The KV caches of ``seqs`` (default: every running sequence) are gone (an actor
+        was replaced, a plan change failed): each re-prefills its committed tokens, the
+        prompt and what it sampled so far, at its next step."""
+        for seq in self.running if seqs is None else seqs:
+            seq.cached = 0
+
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a request, waiting or running (its slot is freed); the aborted running
         sequence, if there was one."""

@@ -61,7 +61,7 @@ class StepStats:
     sequences: int
     layers: list[LayerTraffic]
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    ray_calls: int = 0  # Ray calls the coordinator issued for this step
+    messages: int = 0  # step messages the coordinator sent its actors (over their channels; no Ray call)
     coherence_bytes: int = 0  # coherent layout: KV rows all-gathered to keep every rank's context
     coherence_collectives: int = 0
 
@@ -100,7 +100,7 @@ class RuntimeStats:
         return {
             "steps": self.steps,
             "tokens": sum(s.tokens for s in self.per_step),
-            "ray_calls": sum(s.ray_calls for s in self.per_step),
+            "messages": sum(s.messages for s in self.per_step),
             "coherence_bytes": sum(s.coherence_bytes for s in self.per_step),
             "coherence_collectives": sum(s.coherence_collectives for s in self.per_step),
             "seconds": {p: sum(s.seconds[p] for s in self.per_step) for p in PHASES},
@@ -127,5 +127,5 @@ class RuntimeStats:
                     for L in t["layers"]) + t["coherence_bytes"]
         coherence = (f" ({t['coherence_bytes']} for KV coherence in {t['coherence_collectives']} collectives)"
                      if t["coherence_collectives"] else "")
-        return (f"runtime stats: {t['steps']} steps, {t['tokens']} tokens, {t['ray_calls']} Ray calls; "
+        return (f"runtime stats: {t['steps']} steps, {t['tokens']} tokens, {t['messages']} step messages; "
                 f"{moved} bytes across ranks{coherence}\n" + format_table(header, rows) + f"\ntime: {times}")

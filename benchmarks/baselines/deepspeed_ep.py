@@ -210,9 +210,9 @@ class DeepSpeedRank:
     def join(self, address: str, timeout_s: float) -> int:
         """Join the gloo group, start deepspeed.comm, build the MoE layers. All ranks together."""
         from raymoe.benchmarks.baselines.executor_engine import ExecutorEngine
-        from raymoe.workers.process_group import init_group
+        from raymoe.workers.process_group import join_groups
 
-        init_group("gloo", address, self.rank, self.ranks, timeout_s)
+        join_groups("gloo", address, self.rank, self.ranks, timeout_s)  # DeepSpeed uses the default group
         init_deepspeed_comm()
         self.layers = build_moe_layers(self.ckpt, self.model, self.rank, self.ranks)
         timers = [_MoETimer(moe) for moe in self.layers]

@@ -44,7 +44,7 @@ class DeploymentSystem:
             collectives_per_layer=collectives / max(len(decode) * num_layers, 1),
             rank_pairs=pairs, outputs=gen.outputs,
             extra={"layout": self.layout, "policy": self.policy, "ranks": self.ranks,
-                   "ray_calls_per_step": sum(s.ray_calls for s in decode) / max(len(decode), 1)})
+                   "messages_per_step": sum(s.messages for s in decode) / max(len(decode), 1)})
 
     def pids(self) -> list[int]:
         """Process ids of the deployment's actors that run on this node."""

@@ -91,7 +91,7 @@ def _resolve(path: str, config_dir: Path) -> str:
     for candidate in (Path(path), config_dir / path):
         if candidate.exists():
             return str(candidate)
-    raise DeploymentConfigError("raymoe.placement.plan", path, f"no such file (looked here and in {config_dir})")
+    raise DeploymentConfigError("placement.plan", path, f"no such file (looked here and in {config_dir})")
 
 
 def load_values(config: str | Path | None = None, files: list[str | Path] = (), sets: list[str] = (),

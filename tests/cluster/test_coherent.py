@@ -49,7 +49,7 @@ def test_coherent_equals_reference(ray_session, models, model, ranks, policy):
     with coherent(models[model], ranks, placement={"policy": policy}) as dep:
         assert lockstep_mixed(ref, dep) >= 9
         for step in dep.stats.per_step:
-            assert step.ray_calls == ranks
+            assert step.messages == ranks
             first, *rest = step.layers
             top_k = 1 if model == "top1" else 2
             # the first MoE layer: every rank holds every token, so only top-k merging communicates

@@ -1,7 +1,8 @@
 """The runtime's collective counts and bytes against what torch.distributed itself was asked
 to do: every actor's torch.distributed is wrapped (``DistProbe``, installed through Ray's
-``__ray_call__``), a deployment generates, and the stats the deployment reports (fed by
-``workers/collectives.py``) must equal the probes' counts, call for call and byte for byte."""
+``__ray_call__``), a deployment on gloo generates, and the stats the deployment reports
+(fed by ``workers/collectives.py``) must equal the probes' counts, call for call and byte
+for byte; the same-node transport must then report exactly gloo's counts."""
 
 from __future__ import annotations
 
@@ -46,21 +47,33 @@ def reported(stats) -> tuple[int, int]:
     return calls, moved
 
 
+def run(models, layout: str, model: str, ranks: int, backend: str, probe: bool):
+    config = parse_config({"model": str(models[model]), "layout": layout, "expert_ranks": ranks, "backend": backend,
+                           "resources": {"cpus_per_actor": 0.1}, "batching": {"max_seqs": 4}})
+    with Deployment(config) as dep:
+        assert dep.backend == backend
+        if probe:
+            ray.get([a.__ray_call__.remote(_install) for a in dep.actors])
+        try:
+            outputs = dep.generate_ids(PROMPTS, GREEDY)
+            seen = ray.get([a.__ray_call__.remote(_read) for a in dep.actors]) if probe else None
+        finally:
+            if probe:
+                ray.get([a.__ray_call__.remote(_uninstall) for a in dep.actors])
+        return outputs, reported(dep.stats), seen
+
+
 @pytest.mark.parametrize("layout,model,ranks", [("disaggregated", "top2", 2), ("disaggregated", "top1", 3),
                                                 ("coherent", "top2", 3), ("coherent", "top1", 2)])
 def test_stats_equal_what_torch_distributed_saw(ray_session, models, layout, model, ranks):
-    config = parse_config({"model": str(models[model]), "layout": layout, "expert_ranks": ranks,
-                           "resources": {"cpus_per_actor": 0.1}, "batching": {"max_seqs": 4}})
-    ref = ReferenceEngine.from_pretrained(models[model], max_seqs=4)
-    with Deployment(config) as dep:
-        ray.get([a.__ray_call__.remote(_install) for a in dep.actors])
-        try:
-            assert dep.generate_ids(PROMPTS, GREEDY) == ref.generate_ids(PROMPTS, GREEDY)
-            seen = ray.get([a.__ray_call__.remote(_read) for a in dep.actors])
-        finally:
-            ray.get([a.__ray_call__.remote(_uninstall) for a in dep.actors])
-        calls, moved = reported(dep.stats)
-    assert calls > 0 and moved > 0
+    """gloo: the stats == what torch.distributed was asked to do in every actor. The
+    same-node transport (backend local) carries the same collectives: its stats equal
+    gloo's, call for call and byte for byte."""
+    want = ReferenceEngine.from_pretrained(models[model], max_seqs=4).generate_ids(PROMPTS, GREEDY)
+    outputs, (calls, moved), seen = run(models, layout, model, ranks, "gloo", probe=True)
+    assert outputs == want and calls > 0 and moved > 0
     for probe in seen:  # every actor issues every collective of the step
         assert sum(probe["calls"].values()) == calls, probe
     assert sum(sum(p["bytes_sent"].values()) for p in seen) == moved
+    local_outputs, local_counts, _ = run(models, layout, model, ranks, "local", probe=False)
+    assert local_outputs == want and local_counts == (calls, moved)

@@ -15,7 +15,7 @@ from raymoe.benchmarks.gpu import engine_on
 from raymoe.benchmarks.gpu_nccl import full_stack, round_trip, routed_batch
 from raymoe.cluster.config import DeploymentConfigError, parse_config
 from raymoe.cluster.coordinator import Deployment
-from raymoe.workers.process_group import destroy_group, free_port, init_group, pick_backend
+from raymoe.workers.process_group import free_port, join_groups, leave_groups, pick_backend
 from raymoe.placement.build import build_plan
 from tests.tiny_models import save_tiny_model
 from raymoe.workers.collectives import Collectives
@@ -83,7 +83,8 @@ def test_cuda_reference_engine_generates_the_cpu_tokens(models, family):
 def test_dispatch_round_trip_on_nccl_world_one(dtype):
     """One rank is front-end and expert rank: dispatch -> experts -> combine through
     NCCL equals the experts applied directly."""
-    group = Collectives(init_group("nccl", f"127.0.0.1:{free_port('127.0.0.1')}", 0, 1, 30.0))
+    groups = join_groups("nccl", f"127.0.0.1:{free_port('127.0.0.1')}", 0, 1, 30.0)
+    group = Collectives(groups.expert_parallel)
     try:
         layer_map = layer_maps(build_plan("linear", num_layers=1, num_experts=16, num_ranks=1))[0].to("cuda")
         stack = full_stack(64, 48, dtype, torch.device("cuda"))
@@ -93,7 +94,7 @@ def test_dispatch_round_trip_on_nccl_world_one(dtype):
             want, _ = weighted_experts(x, ids, weights, stack)
             torch.testing.assert_close(got, want, atol=0, rtol=0)
     finally:
-        destroy_group()
+        leave_groups(groups)
 
 
 def deployment(path, layout: str, ranks: int, gpus: float, backend: str) -> Deployment:

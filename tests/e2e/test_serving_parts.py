@@ -148,7 +148,7 @@ def test_engine_loop_abort_and_refusals(reference_engine):
 
 def test_engine_loop_failure_reaches_every_caller(reference_engine):
     engine = reference_engine(max_seq_len=32)
-    original = engine._execute
+    original = engine.executor.execute
     calls = []
 
     def failing(step):
@@ -156,7 +156,7 @@ def test_engine_loop_failure_reaches_every_caller(reference_engine):
         if len(calls) == 3:
             raise RuntimeError("expert rank 1 died")
         return original(step)
-    engine._execute = failing
+    engine.executor.execute = failing
     loop = EngineLoop(engine, idle_wait_s=0.05).start()
 
     async def main():

@@ -66,7 +66,8 @@ def test_bad_input_exits_2_with_the_reason(tmp_path, capsys):
 
 
 def test_placement_never_imports_ray_torch_distributed_or_grpc():
-    code = ("import sys, placement, raymoe.placement.cli, raymoe.placement.build, raymoe.placement.report, placement.synthetic\n"
+    code = ("import sys, raymoe.placement, raymoe.placement.cli, raymoe.placement.build, raymoe.placement.report, "
+            "raymoe.placement.synthetic\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'grpc') or m.startswith('torch')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,121 @@
+"""The same-node transport against gloo: the same all-to-alls (random splits, small and
+large pieces, 1-D and 2-D, empty) give the same bytes and the same counted tallies; a dead
+peer fails the others at once; a silent one times out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from raymoe.workers.process_group import free_port
+
+WORLD = 3
+
+
+def _cases(rank: int, seed: int):
+    """The same sequence of (send tensor, send splits, recv splits) on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 40, (6, WORLD, WORLD), generator=g)  # [case, src, dst] rows
+    sizes[3] *= 2000  # pieces of ~hundreds of KB: the interleaved path
+    sizes[4] = 0  # nothing at all
+    for case, width, dtype in zip(range(6), (7, 1, 0, 33, 5, 3), (torch.float32, torch.int64, torch.float32,
+                                                                     torch.uint8, torch.float32, torch.bfloat16)):
+        send_splits, recv_splits = sizes[case, rank].tolist(), sizes[case, :, rank].tolist()
+        shape = (sum(send_splits),) + ((width,) if width else ())
+        send = (torch.arange(int(torch.tensor(shape).prod())).reshape(shape) + 1000 * rank).to(dtype)
+        yield send, send_splits, recv_splits
+
+
+def _compare_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from raymoe.workers.collectives import Collectives
+    from raymoe.workers.process_group import join_groups, leave_groups
+
+    groups = join_groups("local", f"127.0.0.1:{port}", rank, WORLD, 30.0)
+    local, gloo = Collectives(groups.expert_parallel, groups.transport), Collectives(groups.expert_parallel)
+    same = []
+    for send, send_splits, recv_splits in _cases(rank, seed=3):
+        a = local.all_to_all("dispatch", send, send_splits, recv_splits)
+        b = gloo.all_to_all("dispatch", send, send_splits, recv_splits)
+        same.append(bool(torch.equal(a, b)))
+    counts = [local.exchange_counts("metadata", [rank * 10 + r for r in range(WORLD)], torch.device("cpu")),
+              gloo.exchange_counts("metadata", [rank * 10 + r for r in range(WORLD)], torch.device("cpu"))]
+    gathered = [local.gather_counts("kv_coherence", rank + 5, None), gloo.gather_counts("kv_coherence", rank + 5, None)]
+    results.put((rank, same, counts[0] == counts[1], gathered[0] == gathered[1] == [5, 6, 7],
+                 local.tally == gloo.tally))
+    dist.barrier()
+    leave_groups(groups)
+
+
+def test_local_transport_equals_gloo():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_compare_worker, args=(free_port("127.0.0.1"), results), nprocs=WORLD, start_method="spawn")
+    got = sorted(results.get(timeout=30) for _ in range(WORLD))
+    assert got == [(r, [True] * 6, True, True, True) for r in range(WORLD)]
+
+
+def _failure_worker(rank: int, port: int, results) -> None:
+    from raymoe.workers.process_group import join_groups
+
+    groups = join_groups("local", f"127.0.0.1:{port}", rank, WORLD, 5.0)
+    t = groups.transport
+    one = torch.ones(1, 4)
+    t.all_to_all_single(torch.empty(WORLD, 4), one.repeat(WORLD, 1), [1] * WORLD, [1] * WORLD)  # all alive
+    if rank == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies before the second exchange
+    started = time.monotonic()
+    try:
+        # rank 1 expects nothing from rank 2 here: it fails because rank 0 fails and closes its sockets
+        recv_splits = [0, 1, 0] if rank == 0 else [1, 0, 0]
+        send_splits = [0, 1, 1] if rank == 0 else [1, 0, 0]
+        t.all_to_all_single(torch.empty(sum(recv_splits), 4), one.repeat(sum(send_splits), 1), recv_splits,
+                            send_splits)
+        t.all_to_all_single(torch.empty(WORLD, 4), one.repeat(WORLD, 1), [1] * WORLD, [1] * WORLD)
+        outcome = "no error"
+    except (ConnectionError, TimeoutError) as exc:
+        outcome = type(exc).__name__
+    results.put((rank, outcome, time.monotonic() - started < 2.0))
+
+
+def test_a_dead_peer_fails_every_rank_at_once():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = mp.start_processes(_failure_worker, args=(free_port("127.0.0.1"), results), nprocs=WORLD,
+                               start_method="spawn", join=False)
+    got = sorted(results.get(timeout=60) for _ in range(WORLD - 1))
+    for p in procs.processes:
+        p.join(timeout=30)
+    assert [g[0] for g in got] == [0, 1]
+    assert all(outcome in ("ConnectionError", "BrokenPipeError", "ConnectionResetError") or "Connection" in outcome
+               for _, outcome, _ in got), got
+    assert all(fast for _, _, fast in got), got  # well before the 5 s timeout
+
+
+def _silent_worker(rank: int, port: int, results) -> None:
+    from raymoe.workers.local_transport import LocalTransport
+
+    t = LocalTransport.connect(f"silent-{port}", rank, 2, 1.0)
+    started = time.monotonic()
+    if rank == 1:
+        time.sleep(3)  # never takes part
+        results.put((rank, "slept", True))
+        return
+    try:
+        t.all_to_all_single(torch.empty(1, 2), torch.ones(1, 2), [0, 1], [0, 1])
+        results.put((rank, "no error", False))
+    except TimeoutError:
+        results.put((rank, "TimeoutError", 0.9 < time.monotonic() - started < 2.5))
+
+
+def test_a_silent_peer_times_out():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_silent_worker, args=(free_port("127.0.0.1"), results), nprocs=2, start_method="spawn")
+    got = sorted(results.get(timeout=30) for _ in range(2))
+    assert got == [(0, "TimeoutError", True), (1, "slept", True)]
