@@ -341,7 +341,7 @@ def deepspeed(shape: Shape, routing: np.ndarray, ranks: int, node: np.ndarray) -
 
 def coherent(shape: Shape, plan, routing: np.ndarray, node: np.ndarray) -> list:
     """ExFlow: every rank computes every token up to the first MoE layer; then a token
-    moves to where its experts are (``workers/coherent_moe.py``: next home = most experts,
+    moves to where its experts are (``workers/dispatch/coherent.py``: next home = most experts,
     then top-1's rank, then staying). KV rows after the first MoE layer are all-gathered
     once per decode step."""
     tokens, layers, top_k = routing.shape

@@ -3,7 +3,7 @@ on cuda:0 (the lent machine has one GPU).
 
 Every rank is a front-end and an expert rank (``expert_base`` 0, the coherent shape):
 it routes its own tokens over all ranks' experts, then dispatch -> experts -> combine
-(``workers/dispatch.py``). The result is checked against the same experts applied in
+(``workers/dispatch/disaggregated.py``). The result is checked against the same experts applied in
 one process, then the round trip is timed per decode batch size.
 """
 
@@ -17,15 +17,9 @@ import torch
 
 from raymoe.workers.process_group import free_port, join_groups, leave_groups
 from raymoe.placement.build import build_plan
-from raymoe.workers.collectives import Collectives
-from raymoe.workers.dispatch import (
-    exchange_combine,
-    exchange_dispatch,
-    pack,
-    run_experts,
-    unpack_combine,
-    weighted_experts,
-)
+from raymoe.workers.dispatch.collectives import Collectives
+from raymoe.workers.dispatch.compute import weighted_experts
+from raymoe.workers.dispatch.disaggregated import pack, run_experts, unpack
 from raymoe.workers.expert_map import layer_maps
 from raymoe.workers.model.experts import ExpertStack
 
@@ -61,34 +55,38 @@ def routed_batch(tokens: int, hidden: int, rank: int, dtype: torch.dtype, device
     return x.to(device, dtype), ids.to(device), weights.to(device)
 
 
-def round_trip(x, ids, weights, layer_map, stack, group, world: int) -> torch.Tensor:
-    """Dispatch -> local experts -> combine for this rank's tokens. All ranks must call this."""
-    packed = pack(x, ids, weights, layer_map, world, 0)
-    recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, group)
+def round_trip(x, ids, weights, layer_map, stack, group: Collectives, world: int) -> torch.Tensor:
+    """Dispatch -> local experts -> combine for this rank's tokens, every rank both a sender
+    and an expert rank (C = T rows to and from every rank: every rank has T tokens). All
+    ranks must call this."""
+    packed = pack(x, ids, weights, layer_map)
+    splits = [packed.capacity] * world
+    recv = group.all_to_all("dispatch", packed.rows, splits, splits)
     out, _ = run_experts(recv, stack, x.shape[1], TOP_K, x.dtype)
-    back = exchange_combine(out, recv_splits, packed.splits, group)
-    return unpack_combine(back, packed.row_token, x.shape[0])
+    back = group.all_to_all("combine", out, splits, splits)
+    return unpack(back, packed)
 
 
 PHASES = ("pack", "dispatch", "experts", "combine", "unpack")
 
 
 def phase_times(x, ids, weights, layer_map, stack, group, world: int, iters: int) -> dict[str, float]:
-    """Mean microseconds of each phase of ``round_trip`` (``dispatch`` = metadata + token
-    all-to-all), the device synchronised after each phase. All ranks must call this."""
+    """Mean microseconds of each phase of ``round_trip`` (``dispatch`` = the token
+    all-to-all; no metadata), the device synchronised after each phase. All ranks must call this."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     totals = dict.fromkeys(PHASES, 0.0)
     for _ in range(iters):
         marks = [time.perf_counter()]
-        packed = pack(x, ids, weights, layer_map, world, 0)
+        packed = pack(x, ids, weights, layer_map)
+        splits = [packed.capacity] * world
         sync(), marks.append(time.perf_counter())
-        recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, group)
+        recv = group.all_to_all("dispatch", packed.rows, splits, splits)
         sync(), marks.append(time.perf_counter())
         out, _ = run_experts(recv, stack, x.shape[1], TOP_K, x.dtype)
         sync(), marks.append(time.perf_counter())
-        back = exchange_combine(out, recv_splits, packed.splits, group)
+        back = group.all_to_all("combine", out, splits, splits)
         sync(), marks.append(time.perf_counter())
-        unpack_combine(back, packed.row_token, x.shape[0])
+        unpack(back, packed)
         sync(), marks.append(time.perf_counter())
         for name, start, end in zip(PHASES, marks, marks[1:]):
             totals[name] += end - start

@@ -65,8 +65,9 @@ class RayExecutor:
     def _execute_once(self, step: StepInput) -> StepOutput:
         if self.config.layout == "coherent":
             return self._execute_coherent(step)
+        tokens = sum(len(s.tokens) for s in step.seqs)  # every dispatch's capacity
         messages = {0: ("step", (step,))}
-        messages.update({i: ("step", (step.step_id,)) for i in range(1, len(self.actors.actors))})
+        messages.update({i: ("step", (step.step_id, tokens)) for i in range(1, len(self.actors.actors))})
         replies = self.actors.step(messages)
         out, worker_stats = replies[0], [replies[i] for i in sorted(replies) if i]
         out.stats.layers = [functools.reduce(LayerTraffic.add, per_rank)  # the front-end's first: its routing

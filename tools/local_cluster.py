@@ -45,9 +45,20 @@ class LocalClusterError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are chosen, so
+    the kernel cannot hand out one port twice (it did: two Ray components on one port)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @dataclass
@@ -124,11 +135,12 @@ class LocalCluster:
     def _start_node(self, name: str, ip: str, cpus: float, labels: dict, head: bool) -> None:
         temp_dir = self.temp_root / name
         temp_dir.mkdir()
+        manager, objects, metrics, agent, agent_grpc, runtime_env = free_ports(6, ip)
         args = [self.ray_bin, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}",
-                f"--temp-dir={temp_dir}", f"--node-manager-port={free_port(ip)}",
-                f"--object-manager-port={free_port(ip)}", f"--metrics-export-port={free_port(ip)}",
-                f"--dashboard-agent-listen-port={free_port(ip)}", f"--dashboard-agent-grpc-port={free_port(ip)}",
-                f"--runtime-env-agent-port={free_port(ip)}", "--object-store-memory=100000000",
+                f"--temp-dir={temp_dir}", f"--node-manager-port={manager}",
+                f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
+                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={runtime_env}", "--object-store-memory=100000000",
                 "--disable-usage-stats", "--log-style=record"]
         if labels:
             args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))

@@ -5,7 +5,7 @@ expert slots, and a KV-cache replica of every sequence.
 A step: every rank gets the same step input and computes every token up to the first
 MoE layer (replicated: no communication), which sends each token to its home; from
 then on a token runs attention and dense layers where it is and at each MoE layer
-moves to where its experts are (``workers/coherent_moe.py``). After the last layer the
+moves to where its experts are (``workers/dispatch/coherent.py``). After the last layer the
 rank it ended on computes its logits and samples (sampling is stateless, so any rank
 can). KV rows are all-gathered (``workers/coherent_cache.py``).
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raymoe.workers.coherent_cache import CoherentKVCache
-from raymoe.workers.coherent_moe import CoherentMoE, Hosted
+from raymoe.workers.dispatch.coherent import CoherentMoE, Hosted
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.experts import load_expert_stacks
 from raymoe.workers.model.attention import cache_shapes
@@ -88,7 +88,8 @@ class CoherentRank(RankActor):
             hosted.h = hosted.h + self._attention(layer, hosted.h, batch)
             if layer.is_moe:
                 moe_started = time.perf_counter()
-                hosted, traffic = self.moe(moe_index, layer, hosted, replicated=self.cache.replicated)
+                hosted, traffic = self.moe(moe_index, layer.mlp, layer.post_attention_layernorm, hosted,
+                                           replicated=self.cache.replicated)
                 self.cache.replicated = False
                 moe_seconds += time.perf_counter() - moe_started
                 layers.append(traffic)

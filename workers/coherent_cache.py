@@ -5,7 +5,7 @@ of the tokens it hosts at a layer; the rows are then all-gathered so that any ra
 later hosts a token of that sequence finds them in its own cache.
 
 The layers up to the first MoE layer are computed by every rank for every token (see
-``workers/coherent_moe.py``), so their rows are written everywhere and not exchanged.
+``workers/dispatch/coherent.py``), so their rows are written everywhere and not exchanged.
 
 When the other rows are exchanged (T = tokens of the step, R = ranks, K = bytes of one
 cached key + value row):
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from raymoe.workers.collectives import Collectives
-from raymoe.workers.dispatch import pack_parts, unpack_parts
+from raymoe.workers.dispatch.collectives import Collectives
+from raymoe.workers.dispatch.wire import pack_parts, unpack_parts
 from raymoe.workers.model.kv_cache import KVCache
 
 

@@ -28,6 +28,15 @@ class LayerMap:
     def num_ranks(self) -> int:
         return len(self.rank_experts)
 
+    def slots(self, topk_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The slot each (token, expert) pair runs on: ``topk_ids [n, A]`` of tokens
+        ``tokens [n]`` (global indices in the step) -> slots ``[n, A]``.
+
+        The replica rule, written once: a token of a replicated expert goes to replica
+        ``token % logcnt[e]``, which spreads the expert's tokens evenly over its copies
+        (and is the same on every rank, whichever rank computes it)."""
+        return self.log2phy[topk_ids, tokens[:, None] % self.logcnt[topk_ids]]
+
     def to(self, device: torch.device | str) -> "LayerMap":
         return LayerMap(self.log2phy.to(device), self.logcnt.to(device), self.slot_rank.to(device),
                         self.slot_local.to(device), self.rank_experts)

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from raymoe.workers.dispatch import exchange_combine, exchange_dispatch, row_bytes, run_experts
+from raymoe.workers.dispatch.disaggregated import exchange_outputs, exchange_tokens, run_experts
+from raymoe.workers.dispatch.wire import row_bytes
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.model.checkpoint import Checkpoint
 from raymoe.workers.model.experts import ExpertStack
@@ -75,20 +76,21 @@ class ExpertWorker(RankActor):
         return stats
 
     @torch.inference_mode()
-    def step(self, step_id: int) -> WorkerStepStats:
-        """Serve every MoE layer of one step. All ranks must call their step together:
-        per layer, dispatch (metadata + tokens) then combine, in layer order."""
+    def step(self, step_id: int, tokens: int) -> WorkerStepStats:
+        """Serve every MoE layer of one step of ``tokens`` front-end tokens (the capacity of
+        every dispatch). All ranks must call their step together: per layer, dispatch then
+        combine, in layer order."""
         stats = WorkerStepStats()
-        world, ranks = self.collectives.world, self.maps[0].num_ranks
+        ranks = self.maps[0].num_ranks
         nothing = torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device)  # expert ranks send no tokens
         for stack in self.stacks:
             before = self.collectives.snapshot()
-            recv, recv_splits = exchange_dispatch(nothing, [0] * world, self.collectives)
+            recv = exchange_tokens(nothing, tokens, self.collectives)
             started = time.perf_counter()
             out, pairs = run_experts(recv, stack, self.hidden, self.top_k, self.dtype)
             stats.expert_seconds += time.perf_counter() - started
             stats.pairs.append(pairs)
-            exchange_combine(out, recv_splits, [0] * world, self.collectives)
+            exchange_outputs(out, tokens, self.collectives)
             # bytes only: the front-end's part of the layer has the routing counts
             stats.layers.append(LayerTraffic.of([0] * ranks, [0] * ranks, self.collectives.snapshot() - before))
         return stats

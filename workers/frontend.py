@@ -2,7 +2,7 @@
 
 Embeddings, attention with the KV cache, dense layers, routers, shared experts, final
 norm, LM head and sampling. Per MoE layer it packs the routed tokens by expert rank and
-moves them with one all-to-all each way (``workers/dispatch.py``).
+moves them with one all-to-all each way (``workers/dispatch/disaggregated.py``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from raymoe.workers.collectives import Collectives
-from raymoe.workers.dispatch import exchange_combine, exchange_dispatch, pack, unpack_combine
+from raymoe.workers.dispatch.collectives import Collectives
+from raymoe.workers.dispatch.disaggregated import exchange_outputs, exchange_tokens, pack, unpack
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.model.router import Routing
@@ -26,31 +26,38 @@ from raymoe.workers.step import StepInput, StepOutput
 class DispatchingExperts:
     """The front-end's ExpertExecutor: routed experts run on the expert ranks.
 
-    Per MoE layer: 1 metadata all-to-all + 1 dispatch all-to-all + 1 combine all-to-all,
-    in layer order; every expert rank runs the same sequence in ``ExpertWorker.step``.
+    Per MoE layer: 1 dispatch all-to-all + 1 combine all-to-all (fixed capacity C = T
+    rows per expert rank, ``workers/dispatch/disaggregated.py``), in layer order; every
+    expert rank runs the same sequence in ``ExpertWorker.step``.
     """
 
     def __init__(self, maps: list[LayerMap], collectives: Collectives, expert_base: int, dtype: torch.dtype):
         self.maps, self.collectives, self.expert_base, self.dtype = maps, collectives, expert_base, dtype
-        self.world = collectives.world
         self.layers: list[LayerTraffic] = []  # the front-end's part; the expert ranks report theirs
+        self._counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (pairs, rows) per rank, on device
         self.seconds = {"dispatch": 0.0, "combine_wait": 0.0}
 
     def __call__(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         started = time.perf_counter()
         before = self.collectives.snapshot()
-        packed = pack(x, routing.topk_ids, routing.topk_weights, self.maps[moe_index], self.world, self.expert_base)
-        recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, self.collectives)
+        packed = pack(x, routing.topk_ids, routing.topk_weights, self.maps[moe_index])
+        exchange_tokens(packed.rows, packed.capacity, self.collectives, self.expert_base)
         dispatched = time.perf_counter()
-        back = exchange_combine(x.new_empty(0, x.shape[1]), recv_splits, packed.splits, self.collectives)
-        out = unpack_combine(back, packed.row_token, x.shape[0])
+        back = exchange_outputs(x.new_empty(0, x.shape[1]), packed.capacity, self.collectives, self.expert_base)
+        out = unpack(back, packed)
         self.seconds["dispatch"] += dispatched - started
         self.seconds["combine_wait"] += time.perf_counter() - dispatched
-        ranks = self.maps[moe_index].num_ranks
-        self.layers.append(LayerTraffic.of(packed.pairs_per_rank,
-                                           packed.splits[self.expert_base:self.expert_base + ranks],
-                                           self.collectives.snapshot() - before))
+        self._counts.append((packed.pairs_per_rank, packed.rows_per_rank))
+        self.layers.append(LayerTraffic.of([], [], self.collectives.snapshot() - before))
         return out
+
+    def traffic(self) -> list[LayerTraffic]:
+        """Every layer's traffic, the routing counts read back once for the whole step."""
+        if self._counts:
+            counts = torch.stack([torch.stack(c) for c in self._counts]).tolist()  # [L, 2, R]
+            for layer, (pairs, rows) in zip(self.layers, counts):
+                layer.pairs_per_rank, layer.rows_per_rank = pairs, rows
+        return self.layers
 
 
 class FrontEnd(RankActor):
@@ -93,7 +100,7 @@ class FrontEnd(RankActor):
         experts = DispatchingExperts(self.maps, self.collectives, self.expert_base, self.dtype)
         tokens, logits, num_tokens = self.runner.run(step, experts)
         waited = experts.seconds["dispatch"] + experts.seconds["combine_wait"]
-        stats = StepStats(num_tokens, len(step.seqs), experts.layers)
+        stats = StepStats(num_tokens, len(step.seqs), experts.traffic())
         stats.seconds.update(attention=time.perf_counter() - started - waited, dispatch=experts.seconds["dispatch"],
                              combine=experts.seconds["combine_wait"])
         return StepOutput(tokens, stats, logits if step.return_logits else None)

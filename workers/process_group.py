@@ -26,7 +26,7 @@ class BackendUnavailable(RuntimeError):
 def data_plane(backend: str, requested: str, node_ips: list[str], gpus_per_actor: float) -> str:
     """``local`` where gloo would carry CPU tensors between ranks that share one node
     (``requested`` auto, no GPUs, one node IP): the same-node transport is ~40x faster
-    than gloo there (``workers/local_transport.py``). Otherwise ``backend``.
+    than gloo there (``workers/dispatch/local_transport.py``). Otherwise ``backend``.
 
     Raises ValueError for ``requested`` local when the ranks are on several nodes or have GPUs."""
     one_node = len(set(node_ips)) == 1
@@ -74,7 +74,7 @@ def free_port(host: str = "") -> int:
 @dataclass(frozen=True)
 class ProcessGroups:
     """The torch.distributed groups one actor belongs to, by name. Passed to what
-    communicates (``workers/collectives.py``), never kept in a module global.
+    communicates (``workers/dispatch/collectives.py``), never kept in a module global.
 
     expert_parallel: every actor of the deployment, front-end ranks first, then expert
     ranks (the data plane's group). More named groups (front-end groups for M front-ends,
@@ -117,7 +117,7 @@ def join_groups(backend: str, address: str, rank: int, world_size: int, timeout_
         dist.barrier(group=expert_parallel, device_ids=[device.index])  # communicators up before the first step
     transport = None
     if backend == "local":
-        from raymoe.workers.local_transport import LocalTransport
+        from raymoe.workers.dispatch.local_transport import LocalTransport
 
         transport = LocalTransport.connect(address.replace(":", "-"), rank, world_size, timeout_s)
     return ProcessGroups(backend, rank, world_size, expert_parallel, (expert_parallel,), owns_default, transport)

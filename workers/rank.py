@@ -17,7 +17,7 @@ import os
 import torch
 
 from raymoe.workers.channel import ChannelClosed, Listener
-from raymoe.workers.collectives import Collectives
+from raymoe.workers.dispatch.collectives import Collectives
 from raymoe.workers.process_group import ProcessGroups, free_port, join_groups, leave_groups, node_ip
 
 STEP_METHODS = ("step",)  # what the loop answers; everything else is a Ray call

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.workers.collectives import Collectives
+from raymoe.workers.dispatch.collectives import Collectives
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.model.experts import ExpertStack
 

@@ -1,6 +1,6 @@
 """Runtime statistics: traffic per MoE layer and time per phase, per step and cumulative.
 
-Counts are exact: collectives and bytes come from the tallies of ``workers/collectives.py``
+Counts are exact: collectives and bytes come from the tallies of ``workers/dispatch/collectives.py``
 (counted at the call), rows and pairs from the routing; times are wall clock seconds
 measured where the work happens.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from raymoe.workers.collectives import Tally
+from raymoe.workers.dispatch.collectives import Tally
 
 PHASES = ("attention", "dispatch", "experts", "combine", "coherence")
 

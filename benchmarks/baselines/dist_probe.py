@@ -1,7 +1,7 @@
 """Count the collectives a process issues by wrapping torch.distributed's own functions.
 
 For code whose collectives we do not route ourselves (DeepSpeed's MoE layer), and for the
-tests, which check raymoe's counted collectives (``workers/collectives.py``) against what
+tests, which check raymoe's counted collectives (``workers/dispatch/collectives.py``) against what
 torch.distributed itself was asked to do. While installed, every call of the functions in
 ``WRAPPED`` is counted in this process: calls by function name, and the bytes this rank
 sent to other ranks (its own split excluded).

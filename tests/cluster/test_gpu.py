@@ -18,8 +18,8 @@ from raymoe.cluster.coordinator import Deployment
 from raymoe.workers.process_group import free_port, join_groups, leave_groups, pick_backend
 from raymoe.placement.build import build_plan
 from tests.tiny_models import save_tiny_model
-from raymoe.workers.collectives import Collectives
-from raymoe.workers.dispatch import weighted_experts
+from raymoe.workers.dispatch.collectives import Collectives
+from raymoe.workers.dispatch.compute import weighted_experts
 from raymoe.workers.expert_map import layer_maps
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.checkpoint import load_model

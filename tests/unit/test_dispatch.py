@@ -1,8 +1,8 @@
 """The data plane: pack -> all-to-all -> expert compute -> all-to-all -> combine.
 
-Property tests run the local phases with the exchange done by hand (slicing by split
-sizes is what ``all_to_all_single`` does); one test runs them over a real gloo group
-of several processes.
+Property tests run the local phases with the exchange done by hand (rank r's block of C
+rows is what ``all_to_all_single`` delivers to it); one test runs them over a real gloo
+group of several processes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.plans import random_plan
-from raymoe.workers.dispatch import decode_rows, encode_rows, pack, run_experts, unpack_combine
+from raymoe.workers.dispatch.disaggregated import pack, run_experts, unpack
+from raymoe.workers.dispatch.wire import decode_rows, encode_rows
 from raymoe.workers.expert_map import layer_maps
 from raymoe.workers.model.config import RouterConfig
 from raymoe.workers.model.experts import ExpertStack, combine
@@ -57,19 +58,17 @@ def test_dispatch_compute_combine_equals_local_experts(case):
     x = torch.randn(tokens, hidden, generator=g)
     routing = select_experts(torch.randn(tokens, experts, generator=g), RouterConfig(experts, top_k))
     full = full_stack(experts, hidden, width, seed)
-    # front-end: rank 0; expert ranks 1..R
-    packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map, ranks + 1, 1)
-    assert packed.splits[0] == 0 and sum(packed.splits) == packed.rows.shape[0]
-    # every (token, rank) pair is sent once: rows == distinct ranks among each token's experts
-    outputs, start = [], 0
-    for r in range(ranks):
-        rows = packed.rows[start:start + packed.splits[1 + r]]
-        start += packed.splits[1 + r]
+    packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map)
+    capacity = packed.capacity
+    assert capacity == tokens and packed.rows.shape[0] == ranks * capacity  # C = T rows for every rank
+    outputs = []
+    for r in range(ranks):  # what rank r receives: its block of C rows
+        rows = packed.rows[r * capacity:(r + 1) * capacity]
         out, pairs = run_experts(rows, rank_stack(full, layer_map.rank_experts[r]), hidden, top_k, x.dtype)
-        assert pairs == packed.pairs_per_rank[r]
+        assert pairs == int(packed.pairs_per_rank[r])
         outputs.append(out)
-    assert sum(packed.pairs_per_rank) == tokens * top_k
-    got = unpack_combine(torch.cat(outputs), packed.row_token, tokens)
+    assert int(packed.pairs_per_rank.sum()) == tokens * top_k
+    got = unpack(torch.cat(outputs), packed)
     rows_idx = torch.arange(tokens).repeat_interleave(top_k)
     want = combine(full(x[rows_idx], routing.topk_ids.reshape(-1)).view(tokens, top_k, hidden), routing.topk_weights)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -84,21 +83,28 @@ def test_pack_sends_each_token_once_per_rank_and_spreads_replicas(case):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, 6, generator=g)
     routing = select_experts(torch.randn(tokens, experts, generator=g), RouterConfig(experts, top_k))
-    packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map, ranks, 0)
+    packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map)
     xs, ids, weights = decode_rows(packed.rows, 6, top_k, x.dtype)
-    torch.testing.assert_close(xs, x[packed.row_token], rtol=0, atol=0)
-    row_rank = torch.repeat_interleave(torch.arange(ranks), torch.tensor(packed.splits))
-    seen = set()
-    for row in range(len(xs)):
-        token, rank = int(packed.row_token[row]), int(row_rank[row])
-        assert (token, rank) not in seen
-        seen.add((token, rank))
-        for k in torch.nonzero(ids[row] >= 0).flatten().tolist():
-            expert = int(routing.topk_ids[token, k])
-            replica = token % int(layer_map.logcnt[expert])
-            slot = int(layer_map.log2phy[expert, replica])
-            assert int(layer_map.slot_rank[slot]) == rank and int(layer_map.slot_local[slot]) == int(ids[row, k])
-            assert float(weights[row, k]) == float(routing.topk_weights[token, k])
+    capacity, seen = packed.capacity, set()
+    for rank in range(ranks):
+        for token in range(tokens):
+            row = int(packed.position[rank, token])
+            if row < 0:
+                continue
+            assert 0 <= row < capacity and (token, rank) not in seen
+            seen.add((token, rank))
+            r = rank * capacity + row
+            torch.testing.assert_close(xs[r], x[token], rtol=0, atol=0)
+            for k in torch.nonzero(ids[r] >= 0).flatten().tolist():
+                expert = int(routing.topk_ids[token, k])
+                replica = token % int(layer_map.logcnt[expert])
+                slot = int(layer_map.log2phy[expert, replica])
+                assert int(layer_map.slot_rank[slot]) == rank and int(layer_map.slot_local[slot]) == int(ids[r, k])
+                assert float(weights[r, k]) == float(routing.topk_weights[token, k])
+        # padding rows carry no expert: rows beyond the rank's real ones
+        real = int(packed.rows_per_rank[rank])
+        assert (ids[rank * capacity + real:(rank + 1) * capacity] < 0).all()
+        assert real == int((packed.position[rank] >= 0).sum())
     assert seen == {(t, int(layer_map.slot_rank[layer_map.log2phy[e, t % layer_map.logcnt[e]]]))
                     for t in range(tokens) for e in routing.topk_ids[t].tolist()}
 
@@ -116,8 +122,8 @@ def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
     import torch.distributed as dist
 
     from raymoe.benchmarks.baselines.dist_probe import DistProbe
-    from raymoe.workers.collectives import Collectives
-    from raymoe.workers.dispatch import exchange_combine, exchange_dispatch
+    from raymoe.workers.dispatch.collectives import Collectives
+    from raymoe.workers.dispatch.disaggregated import exchange_outputs, exchange_tokens
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     group = Collectives(dist.group.WORLD)
@@ -131,23 +137,23 @@ def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
         x = torch.randn(tokens, hidden, generator=g)
         routing = select_experts(torch.randn(tokens, experts, generator=g), RouterConfig(experts, top_k))
         if rank == 0:
-            packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map, world, 1)
-            recv, recv_splits = exchange_dispatch(packed.rows, packed.splits, group)
-            back = exchange_combine(x.new_empty(0, hidden), recv_splits, packed.splits, group)
-            got = unpack_combine(back, packed.row_token, tokens)
+            packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map)
+            recv = exchange_tokens(packed.rows, tokens, group)
+            back = exchange_outputs(x.new_empty(0, hidden), tokens, group)
+            got = unpack(back, packed)
             rows = torch.arange(tokens).repeat_interleave(top_k)
             want = combine(full(x[rows], routing.topk_ids.reshape(-1)).view(tokens, top_k, hidden), routing.topk_weights)
             results.put((tokens, bool(torch.allclose(got, want, atol=1e-6)), recv.shape[0]))
         else:
             nothing = torch.empty(0, hidden * 4 + 8 * top_k, dtype=torch.uint8)
-            recv, recv_splits = exchange_dispatch(nothing, [0] * world, group)
+            recv = exchange_tokens(nothing, tokens, group)
             out, _ = run_experts(recv, rank_stack(full, layer_map.rank_experts[rank - 1]), hidden, top_k, x.dtype)
-            exchange_combine(out, recv_splits, [0] * world, group)
+            exchange_outputs(out, tokens, group)
     # what torch.distributed saw == what the collectives counted, call by call and byte by byte
     seen = probe.snapshot()
     counted = group.tally
-    results.put(("tally", rank, seen["calls"] == {"all_to_all_single": 9},
-                 counted.calls["metadata"] == counted.calls["dispatch"] == counted.calls["combine"] == 3,
+    results.put(("tally", rank, seen["calls"] == {"all_to_all_single": 6},
+                 counted.calls["metadata"] == 0 and counted.calls["dispatch"] == counted.calls["combine"] == 3,
                  seen["bytes_sent"]["all_to_all_single"] == sum(counted.bytes.values()), counted.bytes))
     probe.uninstall()
     dist.destroy_process_group()
@@ -165,8 +171,37 @@ def test_round_trip_over_real_gloo_collectives():
     assert sorted(g for g in got if g[0] != "tally") == [(0, True, 0), (1, True, 0), (9, True, 0)]
     tallies = sorted(g[1:] for g in got if g[0] == "tally")
     assert [t[:4] for t in tallies] == [(r, True, True, True) for r in range(world)]
-    # metadata: every rank sends W - 1 int64 per layer; dispatch only from the front-end,
+    # no metadata; dispatch only from the front-end (C = T rows to every expert rank),
     # combine only from the expert ranks
-    assert all(t[4]["metadata"] == 3 * (world - 1) * 8 for t in tallies)
-    assert tallies[0][4]["dispatch"] > 0 and tallies[0][4]["combine"] == 0
+    assert all(t[4]["metadata"] == 0 for t in tallies)
+    row = 8 * 4 + 8 * 2
+    assert tallies[0][4]["dispatch"] == (9 + 1 + 0) * (world - 1) * row and tallies[0][4]["combine"] == 0
     assert sum(t[4]["combine"] for t in tallies[1:]) > 0 and all(t[4]["dispatch"] == 0 for t in tallies[1:])
+
+
+def _symmetric_worker(rank: int, world: int, port: int, results):
+    """The GPU benchmark's round trip (every rank sends and hosts experts), here on gloo."""
+    from raymoe.benchmarks.gpu_nccl import full_stack, local_stack, round_trip, routed_batch
+    from raymoe.placement.build import build_plan
+    from raymoe.workers.dispatch.collectives import Collectives
+    from raymoe.workers.dispatch.compute import weighted_experts
+    from raymoe.workers.process_group import join_groups, leave_groups
+
+    groups = join_groups("gloo", f"127.0.0.1:{port}", rank, world, 30.0)
+    layer_map = layer_maps(build_plan("linear", num_layers=1, num_experts=16, num_ranks=world))[0]
+    full = full_stack(24, 20, torch.float32, torch.device("cpu"))
+    mine = local_stack(full, layer_map.rank_experts[rank])
+    x, ids, weights = routed_batch(11, 24, rank, torch.float32, torch.device("cpu"))
+    got = round_trip(x, ids, weights, layer_map, mine, Collectives(groups.expert_parallel), world)
+    want, _ = weighted_experts(x, ids, weights, full)
+    results.put((rank, bool(torch.allclose(got, want, atol=1e-6))))
+    leave_groups(groups)
+
+
+def test_symmetric_round_trip_of_the_gpu_benchmark_on_gloo():
+    from raymoe.workers.process_group import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_symmetric_worker, args=(2, free_port("127.0.0.1"), results), nprocs=2, start_method="spawn")
+    assert sorted(results.get(timeout=10) for _ in range(2)) == [(0, True), (1, True)]

@@ -30,6 +30,8 @@ def modules() -> dict[str, Path]:
     for package, folder in SETUPTOOLS["package-dir"].items():
         for path in (ROOT / folder).rglob("*.py"):
             rel = path.relative_to(ROOT / folder).with_suffix("")
+            if "build" in rel.parts:  # setuptools' and old generators' output, not the source
+                continue
             parts = [p for p in rel.parts if p != "__init__"]
             out[".".join([package, *parts])] = path
     return out

@@ -5,6 +5,7 @@ CRDs, the Helm chart, configs, the gRPC stubs, the tiny model)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,17 @@ def installed(tmp_path_factory) -> dict:
     """The wheel built from this checkout, installed (without dependencies) into a folder
     of its own; the environment to run it from elsewhere."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Build from a copy of the checkout's files (tracked and new, not ignored): setuptools builds
+    # in the source folder and would reuse a stale build/ left there.
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    source = tmp / "source"
+    for name in files:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(tmp / "dist")],
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp / "dist")],
                    check=True, capture_output=True, timeout=300)
     wheel, = (tmp / "dist").glob("raymoe-*.whl")
     subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp / "site"), str(wheel)], check=True,

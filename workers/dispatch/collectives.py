@@ -77,12 +77,26 @@ class Collectives:
         """``send [sum(send_splits), ...]`` (rows grouped by destination rank) -> the rows
         received, ``[sum(recv_splits), ...]`` grouped by source rank. One ``all_to_all_single``."""
         recv = send.new_empty(sum(recv_splits), *send.shape[1:])
-        if self.transport is not None:
+        if self.transport is not None and send.device.type == "cpu":
             self.transport.all_to_all_single(recv, send, recv_splits, send_splits)
         else:
             dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
         self._count(purpose, (sum(send_splits) - send_splits[self.rank]) * _row_bytes(send))
         return recv
+
+    def all_to_all_v(self, purpose: str, send: torch.Tensor, send_splits: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """All-to-all whose receive sizes only the senders know: returns the rows received
+        (grouped by source) and how many from each. The same-node transport carries the
+        counts in-band: one call, whose 8 bytes of count per peer are counted as ``metadata``
+        bytes (no metadata call); torch.distributed needs a split-size exchange first (a
+        ``metadata`` call)."""
+        if self.transport is not None and send.device.type == "cpu":
+            recv, recv_splits = self.transport.all_to_all_v(send, send_splits)
+            self._count(purpose, (sum(send_splits) - send_splits[self.rank]) * _row_bytes(send))
+            self.tally.bytes["metadata"] += (self.world - 1) * 8
+            return recv, recv_splits
+        recv_splits = self.exchange_counts("metadata", send_splits, send.device)
+        return self.all_to_all(purpose, send, send_splits, recv_splits), recv_splits
 
     def exchange_counts(self, purpose: str, counts: list[int], device: torch.device) -> list[int]:
         """Send ``counts[r]`` to rank r, get every rank's count for this one: one

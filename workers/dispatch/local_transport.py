@@ -9,7 +9,10 @@ not fight for them. Across nodes the data plane stays on gloo (CPU) or NCCL (GPU
 transport is used only for CPU tensors of ranks that share a node.
 
 It has the semantics of ``torch.distributed.all_to_all_single`` with split sizes (and a
-one-element all-gather), so ``Collectives`` counts it exactly as it counts gloo.
+one-element all-gather), so ``Collectives`` counts it exactly as it counts gloo; and an
+all-to-all whose receive sizes are not known in advance (``all_to_all_v``): each piece
+travels behind an 8-byte row count on the same stream, so it costs one exchange where
+torch.distributed needs a split-size all-to-all first.
 Sockets are abstract (Linux: no file), named after the group's rendezvous; a peer that
 dies closes its sockets (``ConnectionError`` here), one that hangs makes ``recv`` time
 out after ``timeout_s`` (``TimeoutError``), as gloo's collectives do. A rank whose
@@ -101,6 +104,50 @@ class LocalTransport:
         except (OSError, TimeoutError):
             self.close()  # the peers waiting on this rank fail now, not at their timeout
             raise
+
+    def all_to_all_v(self, send: torch.Tensor, send_splits: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """All-to-all with the receive sizes learnt in-band: each rank sends ``send_splits[r]``
+        rows to rank r behind their count; returns the rows received (grouped by source)
+        and how many from each. All ranks must call this, in the same order."""
+        row = math.prod(send.shape[1:]) * send.element_size()
+        out = _bytes(send.contiguous())
+        send_at = _offsets(send_splits, row)
+        me = self.rank
+        if len(self.peers) != self.world - 1:
+            raise ConnectionError("the local transport was broken by an earlier failure; rebuild the group")
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            pieces = {p: out[send_at[p]:send_at[p] + send_splits[p] * row] for p in self.peers}
+            if all(len(v) <= SMALL for v in pieces.values()):
+                for peer, data in pieces.items():
+                    self.peers[peer].sendall(send_splits[peer].to_bytes(8, "little") + bytes(data))
+                counts, received = {}, {}
+                for peer in sorted(self.peers):
+                    head = bytearray(8)
+                    _recv_into(self.peers[peer], memoryview(head), deadline)
+                    counts[peer] = int.from_bytes(head, "little")
+                    received[peer] = bytearray(counts[peer] * row)
+                    _recv_into(self.peers[peer], memoryview(received[peer]), deadline)
+            else:  # large pieces: the counts first, then the interleaved exchange
+                sizes = torch.tensor(send_splits, dtype=torch.int64)
+                got = torch.empty(self.world, dtype=torch.int64)
+                self.all_to_all_single(got, sizes, [1] * self.world, [1] * self.world)
+                counts = {p: int(got[p]) for p in self.peers}
+                received = {p: bytearray(counts[p] * row) for p in self.peers}
+                self._exchange({p: v for p, v in pieces.items() if len(v)},
+                               {p: memoryview(b) for p, b in received.items() if len(b)})
+        except (OSError, TimeoutError):
+            self.close()
+            raise
+        recv_splits = [send_splits[me] if r == me else counts[r] for r in range(self.world)]
+        recv = send.new_empty(sum(recv_splits), *send.shape[1:])
+        into = _bytes(recv)
+        at = 0
+        for r in range(self.world):
+            size = recv_splits[r] * row
+            into[at:at + size] = out[send_at[me]:send_at[me] + size] if r == me else received[r]
+            at += size
+        return recv, recv_splits
 
     def all_gather_int(self, value: int) -> list[int]:
         """Every rank's ``value`` in rank order. All ranks must call this together."""
