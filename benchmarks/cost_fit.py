@@ -60,6 +60,7 @@ class Measured:
     bytes_per_token: float
     routing: np.ndarray  # [steps, B, L, A]
     stages: list = field(default_factory=list)  # per decode step
+    same_node_transport: bool = False  # the run's data plane was backend local (in-band row counts)
 
 
 # measured phase <- model phases (each system measures its own split). raymoe disaggregated:
@@ -96,7 +97,8 @@ def measured_rows(compare: dict, routing: dict) -> list[Measured]:
         want = MAPPING[layout]
         out.append(Measured(name, layout, policy, ranks, row["batch"],
                             {k: sum(phases.get(p, 0.0) for p in k.split("+")) for k in want},
-                            row["bytes_per_token"], routing[key]))
+                            row["bytes_per_token"], routing[key],
+                            same_node_transport=row.get("extra", {}).get("backend") == "local"))
     return out
 
 
@@ -109,7 +111,8 @@ def build_stages(m: Measured, shape: Shape) -> list[list]:
         return [deepspeed(shape, step, m.ranks, node) for step in m.routing]
     plan = build_plan(m.policy, num_layers=shape.layers, num_experts=shape.experts, num_ranks=m.ranks)
     if m.layout == "coherent":
-        return [coherent(shape, plan, step, np.zeros(m.ranks, dtype=int)) for step in m.routing]
+        return [coherent(shape, plan, step, np.zeros(m.ranks, dtype=int), in_band_counts=m.same_node_transport)
+                for step in m.routing]
     return [disaggregated(shape, plan, step, 1, np.zeros(m.ranks + 1, dtype=int)) for step in m.routing]
 
 

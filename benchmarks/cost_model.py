@@ -26,7 +26,16 @@ width, P processes.
   alpha-beta model of a pairwise all-to-all). The classes run concurrently; the collective
   costs ``collective_launch`` plus the longer of the two.
 * a step: the sum of its stages (raymoe runs its phases in order today: no overlap) plus
-  "other": ``step_overhead + ray_call * (Ray calls the coordinator makes per step)``.
+  "other": ``step_overhead + step_message * (messages the coordinator sends per step)``
+  (one per actor over its channel; no Ray call on the step path).
+
+What the runtime does, as priced: disaggregated, one dispatch and one combine all-to-all
+per MoE layer with fixed capacity (every front-end sends every expert rank C = its token
+count rows, padding included; no split-size exchange); coherent, a dispatch whose row
+counts go in-band on the same-node transport (the CPU runs) or in a split-size exchange
+first on NCCL (the GPU projection), plus a merge for top-k > 1. M front-ends (M:N) are
+priced as the design describes them, but the runtime runs one front-end today: those
+projection rows are marked not runnable.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ CONFIG = Path(__file__).with_name("cost_model.yaml")
 RESULTS = ROOT / "benchmarks" / "results"
 PHASES = ("attention", "dispatch", "experts", "combine", "coherence", "other")
 PARAMS = ("collective_launch_s", "alpha_s", "beta_s_per_byte", "inv_flops", "inv_mem_bw", "gemm_launch_s",
-          "layer_overhead_s", "moe_overhead_s", "step_overhead_s", "ray_call_s")
+          "layer_overhead_s", "moe_overhead_s", "step_overhead_s", "step_message_s")
 WORK = 5  # compute work columns: FLOPs, bytes, GEMMs, layers, MoE ops (route/pack/unpack of one MoE layer)
 
 
@@ -75,7 +84,7 @@ class Hardware:
     gpus_per_node: int = 1
     roofline: str = "max"
     collective_launch_s: float = 0.0
-    ray_call_s: float = 0.0
+    step_message_s: float = 0.0
     moe_overhead_s: float = 0.0
     cores: int = 0  # processes share this many cores (0: one device per process, as GPUs)
 
@@ -98,14 +107,14 @@ class Hardware:
         inv = lambda v: 1.0 / v if v > 0 else float("inf")  # noqa: E731 (a rate the fit found free)
         link = Link(t["alpha_s"], t["beta_s_per_byte"])
         return cls(name, inv(t["inv_flops"]), inv(t["inv_mem_bw"]), t["gemm_launch_s"], t["layer_overhead_s"],
-                   t["step_overhead_s"], link, link, 1 << 20, "sum", t["collective_launch_s"], t["ray_call_s"],
+                   t["step_overhead_s"], link, link, 1 << 20, "sum", t["collective_launch_s"], t["step_message_s"],
                    t["moe_overhead_s"], cores)
 
     def theta(self) -> np.ndarray:
         """The parameter vector (order: ``PARAMS``) of a single-link machine."""
         return np.array([self.collective_launch_s, self.intra.alpha_s, self.intra.beta_s_per_byte, 1 / self.flops,
                          1 / self.mem_bw, self.gemm_launch_s, self.layer_overhead_s, self.moe_overhead_s,
-                         self.step_overhead_s, self.ray_call_s])
+                         self.step_overhead_s, self.step_message_s])
 
 
 def gpu_from_config(c: dict) -> Hardware:
@@ -114,14 +123,14 @@ def gpu_from_config(c: dict) -> Hardware:
                     float(c["mem_bw"]) * float(c["mem_efficiency"]), float(c["gemm_launch_s"]),
                     float(c["layer_overhead_s"]), float(c["step_overhead_s"]), link(c["intra"]), link(c["inter"]),
                     int(c["gpus_per_node"]), c.get("roofline", "max"), float(c["collective_launch_s"]),
-                    float(c["ray_call_s"]), float(c["moe_overhead_s"]))
+                    float(c["step_message_s"]), float(c["moe_overhead_s"]))
 
 
 def cpu_start(c: dict, cores: int) -> Hardware:
     link = Link(float(c["alpha_s"]), float(c["beta_s_per_byte"]))
     return Hardware("CPU (start)", float(c["flops"]), float(c["mem_bw"]), float(c["gemm_launch_s"]),
                     float(c["layer_overhead_s"]), float(c["step_overhead_s"]), link, link, 1 << 20, "sum",
-                    float(c["collective_launch_s"]), float(c["ray_call_s"]), float(c["moe_overhead_s"]), cores)
+                    float(c["collective_launch_s"]), float(c["step_message_s"]), float(c["moe_overhead_s"]), cores)
 
 
 @dataclass(frozen=True)
@@ -184,8 +193,9 @@ class Compute:
 
 
 @dataclass(frozen=True)
-class RayCalls:
-    """The coordinator's calls of one step (one per actor; 0 where ranks drive themselves)."""
+class StepMessages:
+    """The coordinator's messages of one step (one per actor over its channel; 0 where ranks
+    drive themselves)."""
 
     calls: int
     phase: str = "other"
@@ -214,8 +224,8 @@ class Collective:
 def stage_time(stage, hw: Hardware) -> float:
     if isinstance(stage, Compute):
         return hw.stage_compute(stage.work)
-    if isinstance(stage, RayCalls):
-        return stage.calls * hw.ray_call_s
+    if isinstance(stage, StepMessages):
+        return stage.calls * hw.step_message_s
     inside, across, inside_peers, across_peers = stage.busiest()
     return hw.collective_launch_s + max(hw.intra.time(inside, inside_peers),
                                         hw.inter.time(across, across_peers) if across_peers else 0.0)
@@ -232,7 +242,7 @@ def stage_features(stage, nominal: Hardware) -> np.ndarray:
             f[3:8] = stage.work.sum(0) / nominal.cores
         else:
             f[3:8] = stage.work[int(np.argmax(t))]
-    elif isinstance(stage, RayCalls):
+    elif isinstance(stage, StepMessages):
         f[9] = stage.calls
     else:
         inside, across, inside_peers, across_peers = stage.busiest()
@@ -263,9 +273,14 @@ def bytes_moved(stages: list) -> float:
 
 # -- layouts: routing [B, L, A] + plan -> stages ---------------------------------------
 def _place(plan, layer: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slot and rank of every pair ``ids [B, A]``; a replicated expert: replica ``token % logcnt``."""
-    token = np.arange(ids.shape[0])[:, None]
-    slot = np.asarray(plan.log2phy[layer])[ids, token % np.asarray(plan.logcnt[layer])[ids]]
+    """Slot and rank of every pair ``ids [B, A]``, by the runtime's own replica rule
+    (``LayerMap.slots``)."""
+    import torch
+
+    from raymoe.workers.expert_map import layer_maps
+
+    lm = layer_maps(plan)[layer]
+    slot = lm.slots(torch.as_tensor(ids, dtype=torch.long), torch.arange(ids.shape[0])).numpy()
     return slot, np.asarray(plan.slot2rank[layer])[slot]
 
 
@@ -282,7 +297,8 @@ def _moe_ops(who: np.ndarray) -> np.ndarray:
 
 def disaggregated(shape: Shape, plan, routing: np.ndarray, frontends: int, node: np.ndarray) -> list:
     """M front-ends (processes 0..M-1, tokens split evenly) + R expert ranks. Per MoE layer:
-    attention, metadata + dispatch all-to-all, experts, combine all-to-all."""
+    attention, the dispatch all-to-all (front-end m sends every expert rank C_m = its tokens
+    rows, padding included), experts, the combine all-to-all (C_m rows back)."""
     tokens, layers, top_k = routing.shape
     m, r = frontends, plan.num_ranks
     p = m + r
@@ -294,18 +310,15 @@ def disaggregated(shape: Shape, plan, routing: np.ndarray, frontends: int, node:
     for layer in range(layers):
         stages.append(Compute("attention", _pad(shape.attention(fe_tokens), 0, r)))
         slot, rank = _place(plan, layer, routing[:, layer])
-        keys = np.unique(np.arange(tokens)[:, None] * r + rank)  # one row per distinct (token, rank)
-        rows = np.zeros((m, r))
-        np.add.at(rows, (fe[keys // r], keys % r), 1)
+        capacity = np.repeat(fe_tokens[:, None], r, axis=1).astype(float)  # [M, R]: C_m rows to every rank
         dispatch, combine = np.zeros((p, p)), np.zeros((p, p))
-        dispatch[:m, m:], combine[m:, :m] = rows * row, rows.T * back
+        dispatch[:m, m:], combine[m:, :m] = capacity * row, capacity.T * back
         frontend = np.arange(p) < m
-        stages += [Compute("dispatch", _moe_ops(frontend)), Collective("dispatch", np.full((p, p), 8.0), node),
-                   Collective("dispatch", dispatch, node),
+        stages += [Compute("dispatch", _moe_ops(frontend)), Collective("dispatch", dispatch, node),
                    Compute("experts", shape.experts_work(np.bincount(slot.ravel(), minlength=owner.shape[1]),
                                                          owner[layer], p)),
                    Collective("combine", combine, node), Compute("combine", _moe_ops(frontend))]
-    stages += [Compute("attention", _pad(shape.head(fe_tokens), 0, r)), RayCalls(p)]
+    stages += [Compute("attention", _pad(shape.head(fe_tokens), 0, r)), StepMessages(p)]
     return stages
 
 
@@ -339,11 +352,12 @@ def deepspeed(shape: Shape, routing: np.ndarray, ranks: int, node: np.ndarray) -
     return stages
 
 
-def coherent(shape: Shape, plan, routing: np.ndarray, node: np.ndarray) -> list:
+def coherent(shape: Shape, plan, routing: np.ndarray, node: np.ndarray, in_band_counts: bool = False) -> list:
     """ExFlow: every rank computes every token up to the first MoE layer; then a token
     moves to where its experts are (``workers/dispatch/coherent.py``: next home = most experts,
     then top-1's rank, then staying). KV rows after the first MoE layer are all-gathered
-    once per decode step."""
+    once per decode step. ``in_band_counts``: the dispatch's row counts travel with the rows
+    (the same-node transport) instead of in a split-size exchange (NCCL, gloo)."""
     tokens, layers, top_k = routing.shape
     r = plan.num_ranks
     owner = np.asarray(plan.slot2rank)
@@ -372,7 +386,9 @@ def coherent(shape: Shape, plan, routing: np.ndarray, node: np.ndarray) -> list:
             away[everyone, home] = False
             t, dest = np.nonzero(away)
             np.add.at(dispatch, (home[t], dest), row)
-            stages += [Collective("dispatch", np.full((r, r), 8.0), node), Collective("dispatch", dispatch, node)]
+            if not in_band_counts:
+                stages.append(Collective("dispatch", np.full((r, r), 8.0), node))
+            stages.append(Collective("dispatch", dispatch + 8.0 * in_band_counts, node))
         stages.append(Compute("experts", shape.experts_work(np.bincount(slot.ravel(), minlength=owner.shape[1]),
                                                             owner[layer], r)))
         if top_k > 1:
@@ -386,7 +402,7 @@ def coherent(shape: Shape, plan, routing: np.ndarray, node: np.ndarray) -> list:
     if layers > 1:
         gather = np.repeat(computed_rows[:, None] * (shape.kv_row_bytes + 12), r, axis=1)
         stages += [Collective("coherence", np.full((r, r), 8.0), node), Collective("coherence", gather, node)]
-    stages += [Compute("attention", shape.head(np.bincount(home, minlength=r))), RayCalls(r)]
+    stages += [Compute("attention", shape.head(np.bincount(home, minlength=r))), StepMessages(r)]
     return stages
 
 
@@ -396,7 +412,7 @@ def projection_trace(cfg: dict, shape: Shape):
     from raymoe.placement.metrics import decode_order
     from raymoe.placement.synthetic import skewed_markov_trace
 
-    loads = np.load(cfg["loads"])
+    loads = np.load(ROOT / cfg["loads"])
     trace = skewed_markov_trace(loads, int(cfg["trace_tokens"]), shape.top_k, float(cfg["affinity"]), seed=0,
                                 num_seqs=256)
     split = trace.split(0.5)
@@ -469,6 +485,7 @@ def _project_one(shape: Shape, hw: Hardware, stats, cfg: dict, layout: str, poli
     phases = {p: float(np.mean([price(s, hw)[p] for s in stage_sets])) for p in PHASES}
     step_s = sum(phases.values())
     return {"gpus": gpus, "nodes": nodes, "layout": layout, "policy": label, "batch": batch, "frontends": frontends,
+            "runnable": frontends <= 1,  # the runtime runs one front-end today (M:N is priced, not built)
             "expert_ranks": gpus if layout == "deepspeed" else ranks, "decode_tok_s": batch / step_s,
             "step_ms": 1e3 * step_s, "phase_ms": {p: 1e3 * v for p, v in phases.items()},
             "bytes_per_token": float(np.mean([bytes_moved(s) for s in stage_sets])) / batch}

@@ -43,7 +43,7 @@ class DeploymentSystem:
             bytes_per_token=moved / max(tokens, 1),
             collectives_per_layer=collectives / max(len(decode) * num_layers, 1),
             rank_pairs=pairs, outputs=gen.outputs,
-            extra={"layout": self.layout, "policy": self.policy, "ranks": self.ranks,
+            extra={"layout": self.layout, "policy": self.policy, "ranks": self.ranks, "backend": dep.backend,
                    "messages_per_step": sum(s.messages for s in decode) / max(len(decode), 1)})
 
     def pids(self) -> list[int]:

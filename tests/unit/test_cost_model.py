@@ -14,7 +14,7 @@ SHAPE = cm.Shape(hidden=64, expert_width=96, experts=8, top_k=2, layers=3, heads
                  vocab=128, dtype_bytes=4, context=32)
 GPU = cm.Hardware("test GPU", flops=1e14, mem_bw=1e12, gemm_launch_s=4e-6, layer_overhead_s=2e-5,
                   step_overhead_s=3e-4, intra=cm.Link(2e-6, 1 / 4e11), inter=cm.Link(5e-6, 1 / 4e10), gpus_per_node=4,
-                  collective_launch_s=8e-6, ray_call_s=2e-5, moe_overhead_s=1e-5)
+                  collective_launch_s=8e-6, step_message_s=2e-5, moe_overhead_s=1e-5)
 
 
 def routing(batch: int, seed: int = 0, experts: int = 8, layers: int = 3, top_k: int = 2) -> np.ndarray:
@@ -66,15 +66,14 @@ def test_more_tokens_bytes_or_slower_links_never_make_a_step_faster():
 
 
 def test_byte_counts_follow_the_runtime_formulas():
-    """docs/layouts.md: disaggregated rows * (D*dtype + 8A) out, rows * D*dtype back, W(W-1)*8
-    metadata per layer; DeepSpeed 2 (R-1) E C D dtype + R(R-1) 8 per layer."""
+    """docs/layouts.md: disaggregated, fixed capacity: R * T rows of (D*dtype + 8A) out and
+    R * T rows of D*dtype back per layer, no metadata; DeepSpeed 2 (R-1) E C D dtype + R(R-1) 8
+    per layer."""
     batch, ranks = 16, 4
     r = routing(batch)
     plan = linear(ranks)
-    rows = sum(len({int(plan.slot2rank[l][plan.log2phy[l][e, 0]]) for e in r[t, l]})
-               for t in range(batch) for l in range(SHAPE.layers))
     d = SHAPE.hidden * SHAPE.dtype_bytes
-    want = rows * (d + 8 * SHAPE.top_k) + rows * d + SHAPE.layers * (ranks + 1) * ranks * 8
+    want = SHAPE.layers * ranks * batch * ((d + 8 * SHAPE.top_k) + d)
     assert cm.bytes_moved(cm.disaggregated(SHAPE, plan, r, 1, np.zeros(ranks + 1, int))) == want
     share = np.arange(batch) % ranks
     capacity = [max(np.sum((share == q)[:, None] & (r[:, l] == e)) for q in range(ranks) for e in range(8))
@@ -94,6 +93,9 @@ def test_coherent_tokens_whose_experts_share_a_rank_move_nothing():
         if isinstance(s, cm.Collective):
             moved[s.phase] += s.total_bytes()
     assert moved["dispatch"] == 4 * 3 * 2 * 8  # metadata only: R(R-1) int64 at layers 1 and 2
+    in_band = cm.coherent(shape, linear(4), r, np.zeros(4, int), in_band_counts=True)
+    collectives = [s for s in in_band if isinstance(s, cm.Collective) and s.phase == "dispatch"]
+    assert len(collectives) == 2 and sum(s.total_bytes() for s in collectives) == 4 * 3 * 2 * 8  # counts, in-band
     assert moved["coherence"] == 8 * 2 * (shape.kv_row_bytes + 12) * 3 + 4 * 3 * 8  # rows of layers 1, 2 to 3 peers
 
 
@@ -114,7 +116,7 @@ def test_fit_recovers_known_parameters_from_synthetic_timings():
     roofline) are fitted back to those parameters."""
     truth = cm.Hardware("truth", flops=3e10, mem_bw=8e9, gemm_launch_s=6e-5, layer_overhead_s=9e-4,
                         step_overhead_s=2e-3, intra=cm.Link(4e-4, 3e-9), inter=cm.Link(4e-4, 3e-9),
-                        gpus_per_node=1 << 20, roofline="sum", collective_launch_s=1e-4, ray_call_s=5e-4,
+                        gpus_per_node=1 << 20, roofline="sum", collective_launch_s=1e-4, step_message_s=5e-4,
                         moe_overhead_s=3e-4)
     a, b = [], []
     for ranks in (1, 2, 4):
