@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 
@@ -86,10 +87,24 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
+def _argmax(logits: torch.Tensor) -> list[int]:
+    """Index of each row's first maximum (NaN counts as the maximum), as torch.argmax.
+
+    Several rows on CPU go to numpy's vectorised argmax. Measured in the tiny model's
+    decode loop (V = 4096), torch against numpy: 1 row 27 against 36 us, 2 rows 35 against
+    37, 8 rows 86 against 40, 32 rows 294 against 66.
+    """
+    if logits.shape[0] > 1 and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return np.argmax(logits.detach().numpy(), axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
     """One token per row of ``logits [B, V]``; ``indices[b]`` is how many tokens row b's
     request has generated before this one (seeded requests only)."""
-    greedy = logits.argmax(dim=-1).tolist()
+    greedy = _argmax(logits)
+    if all(p.greedy for p in params):
+        return greedy
     out = []
     for row, (p, index) in enumerate(zip(params, indices)):
         if p.greedy:

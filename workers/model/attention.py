@@ -18,8 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.config import ModelConfig
 from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.linear import FusedLinear, linear
 from raymoe.workers.model.norm import RMSNorm
-from raymoe.workers.model.rope import apply_rope, rope_cos_sin
+from raymoe.workers.model.rope import RopeTables, apply_rope, rope_tables
 
 
 def cache_shapes(config: ModelConfig) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -32,10 +33,37 @@ def cache_shapes(config: ModelConfig) -> list[tuple[tuple[int, ...], tuple[int, 
 
 
 def _pad(batch: ForwardBatch, x: torch.Tensor) -> torch.Tensor:
-    """``x [T, ...]`` -> ``[B, N, ...]`` (padding rows are zero)."""
+    """``x [T, ...]`` -> ``[B, N, ...]`` (padding rows are zero; a decode batch is a view)."""
+    if batch.decode:
+        return x[:, None]
     out = x.new_zeros(batch.num_seqs, batch.max_new, *x.shape[1:])
     out[batch.seq_index, batch.query_index] = x
     return out
+
+
+def _unpad(batch: ForwardBatch, x: torch.Tensor) -> torch.Tensor:
+    """``x [B, N, ...]`` -> ``[T, ...]``: the inverse of ``_pad``."""
+    return x[:, 0] if batch.decode else x[batch.seq_index, batch.query_index]
+
+
+def _rope(batch: ForwardBatch, dim: int, theta: float, dtype: torch.dtype, interleave: bool = False) -> RopeTables:
+    """The batch's RoPE tables, computed by the first layer that asks and shared by the rest."""
+    return batch.cached(("rope", dim, theta, dtype, interleave),
+                        lambda: rope_tables(batch.positions, dim, theta, dtype, interleave))
+
+
+def _mask(batch: ForwardBatch, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Causal mask ``[B, 1, N, L]`` to add to the scores (0 = may attend, -inf = may not),
+    made once per step; None where every query sees all L keys (decode, equal lengths)."""
+    if batch.decode and batch.min_len == length:
+        return None
+
+    def make() -> torch.Tensor:
+        query_pos = _pad(batch, batch.positions)  # [B, N]; padding rows sit at position 0
+        allowed = torch.arange(length, device=device)[None, None, :] <= query_pos[:, :, None]  # [B, N, L]
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
+
+    return batch.cached(("mask", length, dtype), make)
 
 
 def _context(batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
@@ -47,8 +75,8 @@ def _context(batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor, cache: KVCac
     """
     if cache is None:
         return _pad(batch, k), _pad(batch, v), batch.max_new
-    cache.write(layer, batch.slots[batch.seq_index], batch.positions, k, v)
-    keys, values = cache.read(layer, batch.slots, batch.max_len)
+    cache.write(layer, batch.token_slots, batch.positions, k, v)
+    keys, values = cache.read(layer, batch.slots, batch.max_len, batch.first_slot)
     return keys.to(k.dtype), values.to(v.dtype), batch.max_len
 
 
@@ -61,54 +89,64 @@ def _gpu_kernels():
 def _attend(batch: ForwardBatch, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             length: int, scale: float) -> torch.Tensor:
     """Causal attention of ``q [T, H, d]`` over ``keys/values [B, L, G, d]`` -> ``[T, H, dv]``."""
-    query_pos = _pad(batch, batch.positions)  # [B, N]; padding rows sit at position 0
-    mask = torch.arange(length, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, N, L]
+    mask = _mask(batch, length, q.dtype, q.device)
     with _gpu_kernels() if q.is_cuda else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(
             _pad(batch, q).transpose(1, 2),
             keys.transpose(1, 2),
             values.transpose(1, 2),
-            attn_mask=mask[:, None],
+            attn_mask=mask,
             scale=scale,
             enable_gqa=keys.shape[2] != q.shape[1],
         )  # [B, H, N, dv]
-    return out.transpose(1, 2)[batch.seq_index, batch.query_index]
+    return _unpad(batch, out.transpose(1, 2))
 
 
 class Attention(nn.Module):
-    """GQA with RoPE; optional q/k/v bias, q/k RMSNorm (per head or whole projection), clip."""
+    """GQA with RoPE; optional q/k/v bias, q/k RMSNorm (per head or whole projection), clip.
+
+    q, k and v are one GEMM (``self.qkv``) over the separate projections' weights.
+    """
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.config, self.layer = config, layer
         h, g, d, hidden = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
-        self.q_proj = nn.Linear(hidden, h * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, g * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, g * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(h * d, hidden, bias=config.o_bias)
+        self.q_proj = linear(hidden, h * d, bias=config.qkv_bias)
+        self.k_proj = linear(hidden, g * d, bias=config.qkv_bias)
+        self.v_proj = linear(hidden, g * d, bias=config.qkv_bias)
+        self.o_proj = linear(h * d, hidden, bias=config.o_bias)
+        self.qkv = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
         if config.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(d, config.rms_norm_eps), RMSNorm(d, config.rms_norm_eps)
         elif config.qk_norm == "full":
             self.q_norm = RMSNorm(h * d, config.rms_norm_eps)
             self.k_norm = RMSNorm(g * d, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
-        """``x [T, D]`` -> ``[T, D]``."""
-        c = self.config
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def _norm_and_clip(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The families' q/k RMSNorm and clipping of ``qkv [T, (H + 2G) d]`` (OLMoE, Qwen3)."""
+        c, t = self.config, qkv.shape[0]
+        q, k, v = qkv.split(self.qkv.sizes, -1)
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if c.clip_qkv is not None:
-            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q = q.view(-1, c.num_heads, c.head_dim)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
+            q, k, v = (x.clamp(-c.clip_qkv, c.clip_qkv) for x in (q, k, v))
         if c.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(batch.positions, c.head_dim, c.rope_theta, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values, length = _context(batch, k, v, cache, self.layer)
-        out = _attend(batch, q, keys, values, length, c.head_dim**-0.5)
+            q = self.q_norm(q.view(t, c.num_heads, c.head_dim)).view(t, -1)
+            k = self.k_norm(k.view(t, c.num_kv_heads, c.head_dim)).view(t, -1)
+        return torch.cat((q, k, v), -1)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+        """``x [T, D]`` -> ``[T, D]``."""
+        c = self.config
+        h, g, d = c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = self.qkv(x)  # [T, (H + 2G) d]
+        if c.qk_norm != "none" or c.clip_qkv is not None:
+            qkv = self._norm_and_clip(qkv)
+        heads = qkv.view(x.shape[0], h + 2 * g, d)
+        qk = apply_rope(heads[:, : h + g], _rope(batch, d, c.rope_theta, x.dtype))  # q and k in one rotation
+        keys, values, length = _context(batch, qk[:, h:], heads[:, h + g :], cache, self.layer)
+        out = _attend(batch, qk[:, :h], keys, values, length, d**-0.5)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -121,15 +159,15 @@ class LatentAttention(nn.Module):
         self.config, self.layer = config, layer
         m, h, hidden = config.mla, config.num_heads, config.hidden_size
         if m.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, h * m.qk_head_dim, bias=False)
+            self.q_proj = linear(hidden, h * m.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_proj = linear(hidden, m.q_lora_rank, bias=config.qkv_bias)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank)
-            self.q_b_proj = nn.Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=config.qkv_bias)
+            self.q_b_proj = linear(m.q_lora_rank, h * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=config.qkv_bias)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * m.v_head_dim, hidden, bias=config.o_bias)
+        self.kv_b_proj = linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = linear(h * m.v_head_dim, hidden, bias=config.o_bias)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
         """``x [T, D]`` -> ``[T, D]``."""
@@ -141,9 +179,9 @@ class LatentAttention(nn.Module):
         q_nope, q_rot = q.view(-1, c.num_heads, m.qk_head_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], -1)
         latent = self.kv_a_layernorm(latent)  # [T, r]
-        cos, sin = rope_cos_sin(batch.positions, m.qk_rope_head_dim, c.rope_theta, x.dtype)
-        q_rot = apply_rope(q_rot, cos, sin, c.rope_interleave)
-        k_rot = apply_rope(k_rot[:, None, :], cos, sin, c.rope_interleave)[:, 0]  # [T, R]
+        rope = _rope(batch, m.qk_rope_head_dim, c.rope_theta, x.dtype, c.rope_interleave)
+        q_rot = apply_rope(q_rot, rope)
+        k_rot = apply_rope(k_rot[:, None, :], rope)[:, 0]  # [T, R]
         latents, rot_keys, length = _context(batch, latent, k_rot, cache, self.layer)  # [B, L, r], [B, L, R]
         kv = self.kv_b_proj(latents).view(*latents.shape[:2], c.num_heads, -1)
         k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], -1)

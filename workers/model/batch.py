@@ -6,9 +6,13 @@ decoding one token), which is what continuous batching needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Callable, Hashable, TypeVar
 
+import numpy as np
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,10 @@ class ForwardBatch:
     input_ids [T], positions [T], seq_index [T] (which sequence), query_index [T] (index
     among its sequence's new tokens), slots [B] (KV-cache slot), lengths [B] (sequence
     length after this step), last_token [B] (index in T of each sequence's last token).
+    ``decode``: every sequence has exactly one new token and token b is sequence b's
+    (T == B, nothing to pad). ``first_slot``: set when ``slots`` is the contiguous range
+    ``first_slot, first_slot + 1, ...`` (the KV cache is then read as a view).
+    ``min_len``: the shortest sequence length after this step.
     """
 
     input_ids: torch.Tensor
@@ -29,6 +37,17 @@ class ForwardBatch:
     last_token: torch.Tensor
     max_new: int
     max_len: int
+    min_len: int = 0
+    decode: bool = False
+    first_slot: int | None = None
+    # What every layer derives from the batch (RoPE tables, attention mask), made once per step.
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def cached(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, computed on the first call with ``key`` and kept for this batch."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @classmethod
     def from_tokens(cls, input_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> "ForwardBatch":
@@ -43,16 +62,27 @@ class ForwardBatch:
         query_index[order] = torch.arange(len(order), device=device) - offsets[seq_index[order]]
         lengths = torch.zeros(len(seq_slots), dtype=torch.long, device=device).scatter_reduce_(
             0, seq_index, positions + 1, "amax")
+        if not len(counts):
+            return cls(input_ids=input_ids, positions=positions, seq_index=seq_index, query_index=query_index,
+                       slots=seq_slots, lengths=lengths, last_token=offsets + counts - 1, max_new=0, max_len=0)
+        max_new, max_len, min_len, first, last = torch.stack(
+            (counts.max(), lengths.max(), lengths.min(), seq_slots[0], seq_slots[-1])).tolist()
+        decode = max_new == 1 and bool(torch.equal(seq_index, torch.arange(len(seq_index), device=device)))
         return cls(input_ids=input_ids, positions=positions, seq_index=seq_index, query_index=query_index,
-                   slots=seq_slots, lengths=lengths, last_token=offsets + counts - 1,
-                   max_new=int(counts.max()) if len(counts) else 0,
-                   max_len=int(lengths.max()) if len(lengths) else 0)
+                   slots=seq_slots, lengths=lengths, last_token=offsets + counts - 1, max_new=max_new,
+                   max_len=max_len, min_len=min_len, decode=decode,
+                   first_slot=first if last - first == len(seq_slots) - 1 else None)
 
     def to(self, device: torch.device) -> "ForwardBatch":
         if device.type == "cpu":
             return self
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return ForwardBatch(**moved)
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_memo"}
+        return ForwardBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in moved.items()})
+
+    @property
+    def token_slots(self) -> torch.Tensor:
+        """The KV-cache slot of each token ``[T]``."""
+        return self.slots if self.decode else self.cached("token_slots", lambda: self.slots[self.seq_index])
 
     @property
     def num_tokens(self) -> int:
@@ -67,20 +97,31 @@ class ForwardBatch:
         """``tokens[b]``: new token ids of sequence b; ``starts[b]``: tokens it already has cached."""
         if len(tokens) != len(starts) or not tokens or any(len(t) == 0 for t in tokens):
             raise ValueError("a forward batch needs >= 1 sequence, each with >= 1 new token")
-        counts = torch.tensor([len(t) for t in tokens])
+        slots = slots if slots is not None else list(range(len(tokens)))
+        sizes = [len(t) for t in tokens]
+        ends = [s + n for s, n in zip(starts, sizes)]
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        common = dict(max_new=max(sizes), max_len=max(ends), min_len=min(ends),
+                      first_slot=slots[0] if contiguous else None)
+        if common["max_new"] == 1:  # decode: token b is sequence b's only new token
+            index = list(range(len(tokens)))
+            # One array for every field: numpy converts Python ints ~5x faster than torch.tensor.
+            columns = np.array([[t[0] for t in tokens], starts, slots, index, [0] * len(index), ends], dtype=np.int64)
+            ids, positions, slot, seq, query, lengths = torch.from_numpy(columns).unbind()
+            return cls(input_ids=ids, positions=positions, seq_index=seq, query_index=query, slots=slot,
+                       lengths=lengths, last_token=seq, decode=True, **common)
+        counts = torch.tensor(sizes)
         start = torch.tensor(starts)
         seq_index = torch.repeat_interleave(torch.arange(len(tokens)), counts)
         offsets = torch.cumsum(counts, 0) - counts
         query_index = torch.arange(int(counts.sum())) - offsets[seq_index]
-        lengths = start + counts
         return cls(
             input_ids=torch.tensor([i for t in tokens for i in t], dtype=torch.long),
             positions=start[seq_index] + query_index,
             seq_index=seq_index,
             query_index=query_index,
-            slots=torch.tensor(slots if slots is not None else list(range(len(tokens)))),
-            lengths=lengths,
+            slots=torch.tensor(slots),
+            lengths=start + counts,
             last_token=offsets + counts - 1,
-            max_new=int(counts.max()),
-            max_len=int(lengths.max()),
+            **common,
         )

@@ -18,6 +18,7 @@ from raymoe.workers.model.attention import Attention, LatentAttention
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.config import ModelConfig
 from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.linear import linear
 from raymoe.workers.model.mlp import GatedMLP
 from raymoe.workers.model.moe import MoEBlock
 from raymoe.workers.model.norm import RMSNorm
@@ -63,7 +64,7 @@ class MoEForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config, with_experts)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = linear(config.hidden_size, config.vocab_size, bias=False)
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
@@ -80,7 +81,6 @@ class MoEForCausalLM(nn.Module):
         With ``cache`` the new keys and values are stored and earlier ones attended to;
         without it every sequence must start at position 0.
         """
-        run_experts = experts or self.local_experts
         h = self.model.embed_tokens(batch.input_ids)  # [T, D]
         moe_index = 0
         for index, layer in enumerate(self.model.layers):
@@ -90,11 +90,11 @@ class MoEForCausalLM(nn.Module):
                 routing = layer.mlp.route(x)
                 if on_route is not None:
                     on_route(moe_index, routing)
-                y = run_experts(moe_index, index, x, routing)
+                y = layer.mlp.run_experts(x, routing) if experts is None else experts(moe_index, index, x, routing)
                 shared = layer.mlp.shared(x)
                 h = h + (y if shared is None else y + shared)
                 moe_index += 1
             else:
                 h = h + layer.mlp(x)
-        h = self.model.norm(h if all_logits else h[batch.last_token])
+        h = self.model.norm(h if all_logits or batch.decode else h[batch.last_token])  # decode: [T] is [B]
         return self.lm_head(h)

@@ -40,9 +40,17 @@ class KVCache:
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k [T, *k_shape]``, ``v [T, *v_shape]`` at ``(slots[t], positions[t])``."""
-        self.k[layer][slots, positions] = k.to(self.dtype)
-        self.v[layer][slots, positions] = v.to(self.dtype)
+        self.k[layer].index_put_((slots, positions), k.to(self.dtype))
+        self.v[layer].index_put_((slots, positions), v.to(self.dtype))
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k [B, length, *k_shape]``, ``v [B, length, *v_shape]`` of the given slots."""
+    def read(self, layer: int, slots: torch.Tensor, length: int,
+             first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k [B, length, *k_shape]``, ``v [B, length, *v_shape]`` of the given slots.
+
+        When ``slots`` is the contiguous range starting at ``first_slot``, both are views
+        into the cache (no copy): later writes to those rows show through.
+        """
+        if first_slot is not None:
+            rows = slice(first_slot, first_slot + len(slots))
+            return self.k[layer][rows, :length], self.v[layer][rows, :length]
         return self.k[layer][slots, :length], self.v[layer][slots, :length]

@@ -10,6 +10,7 @@ from torch import nn
 
 from raymoe.workers.model.config import ModelConfig
 from raymoe.workers.model.experts import ExpertStack, combine
+from raymoe.workers.model.linear import linear
 from raymoe.workers.model.mlp import GatedMLP
 from raymoe.workers.model.router import Router, Routing
 
@@ -25,7 +26,7 @@ class MoEBlock(nn.Module):
             GatedMLP(d, config.shared_expert_intermediate_size, config.mlp_bias)
             if config.shared_expert_intermediate_size else None
         )
-        self.shared_expert_gate = nn.Linear(d, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_expert_gate = linear(d, 1, bias=False) if config.shared_expert_gate else None
 
     def route(self, x: torch.Tensor) -> Routing:
         """``x [T, D]`` -> Routing (``topk_ids [T, A]``, ``topk_weights [T, A]``)."""
@@ -34,8 +35,8 @@ class MoEBlock(nn.Module):
     def run_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Routed experts on this process: ``x [T, D]`` -> combined output ``[T, D]``."""
         tokens, top_k = routing.topk_ids.shape
-        rows = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
-        out = self.experts(x[rows], routing.topk_ids.reshape(-1)).view(tokens, top_k, x.shape[1])
+        rows = x[:, None].expand(-1, top_k, -1).reshape(tokens * top_k, x.shape[1])  # [T * A, D]
+        out = self.experts(rows, routing.topk_ids.reshape(-1)).view(tokens, top_k, x.shape[1])
         return combine(out, routing.topk_weights)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.workers.model.config import RouterConfig
+from raymoe.workers.model.linear import k_major
 
 
 class Routing(NamedTuple):
@@ -51,18 +52,21 @@ def select_experts(logits: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor |
     # Step 1: scores, and the (possibly biased) values experts are chosen by.
     scores = logits.softmax(dim=-1) if cfg.scoring == "softmax" else logits.sigmoid()
     choice = scores + bias.float() if cfg.correction_bias and bias is not None else scores
-    # Step 2: choose the experts.
+    # Step 2: choose the experts; their weights come from the unbiased scores.
     if cfg.moge_groups:
         ids = _moge_topk(choice, cfg.moge_groups, cfg.top_k)
+        weights = scores.gather(1, ids)
+    elif choice is scores and cfg.n_group == 1:  # chosen by the scores: topk's values are the weights
+        weights, ids = scores.topk(cfg.top_k, dim=-1)
     else:
         if cfg.n_group > 1:
             choice = _group_limited(choice, cfg)
         ids = choice.topk(cfg.top_k, dim=-1).indices
-    # Step 3: weights from the unbiased scores; renormalise and/or scale.
-    weights = scores.gather(1, ids)
+        weights = scores.gather(1, ids)
+    # Step 3: renormalise and/or scale.
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    if not (cfg.norm_topk_prob and cfg.scale_only_unnormalised):
+    if not (cfg.norm_topk_prob and cfg.scale_only_unnormalised) and cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
     return Routing(ids, weights, logits)
 
@@ -73,7 +77,7 @@ class Router(nn.Module):
     def __init__(self, hidden_size: int, cfg: RouterConfig):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, hidden_size))
+        self.weight = nn.Parameter(k_major(torch.zeros(cfg.num_experts, hidden_size)))
         if cfg.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
         else:
