@@ -16,3 +16,23 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, namespace="raymoe-tests", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(family="mixtral", seed=0, **config_overrides) -> Path``: a tiny random
+    checkpoint (``tests/tiny_models.py``), built once per session and shared read-only by
+    every test that asks for the same one. Tests that edit a checkpoint build their own."""
+    from tests.tiny_models import save_tiny_model
+
+    built: dict = {}
+
+    def make(family: str = "mixtral", seed: int = 0, **overrides):
+        key = (family, seed, tuple(sorted(overrides.items())))
+        if key not in built:
+            path = tmp_path_factory.mktemp(f"{family}-{seed}")
+            save_tiny_model(family, path, seed=seed, **overrides)
+            built[key] = path
+        return built[key]
+
+    return make

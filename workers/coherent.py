@@ -80,22 +80,21 @@ class CoherentRank(RankActor):
         self.cache.reserve(int(positions.max()) + 1)
         self.cache.begin_step(eager=any(len(s.tokens) > 1 for s in step.seqs))
         self.cache.replicated = True  # until the first MoE layer every rank hosts every token
-        hosted = Hosted(torch.arange(len(tokens), device=self.device), self.model.model.embed_tokens(tokens))
+        hosted = Hosted(torch.arange(len(tokens), device=self.device), self.model.embed(tokens))
         layers, moe_index, moe_seconds = [], 0, 0.0
-        for layer in self.model.model.layers:
+        for layer in self.model.decoder_layers:  # the decoder's own layer steps (workers/model/decoder.py)
             t = hosted.tokens
             batch = ForwardBatch.from_tokens(tokens[t], slots[t], positions[t])
-            hosted.h = hosted.h + self._attention(layer, hosted.h, batch)
+            hosted.h = self._attend(layer, hosted.h, batch)
             if layer.is_moe:
                 moe_started = time.perf_counter()
-                hosted, traffic = self.moe(moe_index, layer.mlp, layer.post_attention_layernorm, hosted,
-                                           replicated=self.cache.replicated)
+                hosted, traffic = self.moe(moe_index, layer, hosted, replicated=self.cache.replicated)
                 self.cache.replicated = False
                 moe_seconds += time.perf_counter() - moe_started
                 layers.append(traffic)
                 moe_index += 1
             elif len(t):
-                hosted.h = hosted.h + layer.mlp(layer.post_attention_layernorm(hosted.h))
+                hosted.h = layer.dense(hosted.h, layer.mlp_input(hosted.h))
         coherence_started = time.perf_counter()
         self.cache.flush()
         finished = time.perf_counter()
@@ -115,15 +114,15 @@ class CoherentRank(RankActor):
         seq_of = [b for b, s in enumerate(step.seqs) for _ in s.tokens]
         return tuple(torch.tensor(v, dtype=torch.long, device=self.device) for v in (ids, slots, positions, seq_of))
 
-    def _attention(self, layer, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def _attend(self, layer, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The layer's attention residual for the hosted tokens."""
         if batch.num_tokens:
-            return layer.self_attn(layer.input_layernorm(h), batch, self.cache)
+            return layer.attend(h, batch, self.cache)
         # Nothing hosted here at this layer; still take part in the KV exchange.
-        index = layer.self_attn.layer
-        k_shape, v_shape = self.cache.shapes[index]
+        k_shape, v_shape = self.cache.shapes[layer.index]
         empty = batch.positions.new_empty(0)
-        self.cache.write(index, empty, empty, h.new_empty(0, *k_shape), h.new_empty(0, *v_shape))
-        return torch.zeros_like(h)
+        self.cache.write(layer.index, empty, empty, h.new_empty(0, *k_shape), h.new_empty(0, *v_shape))
+        return h
 
     def _sample(self, step: StepInput, hosted: Hosted, seq_of: torch.Tensor) -> CoherentOutput:
         """Logits and tokens for the sequences whose last token ended on this rank."""
@@ -135,7 +134,7 @@ class CoherentRank(RankActor):
         if not mine.any():
             return CoherentOutput({}, {}, [])
         seqs = seq_of[hosted.tokens[mine]].tolist()
-        logits = self.model.lm_head(self.model.model.norm(hosted.h[mine])).float().cpu()
+        logits = self.model.logits(hosted.h[mine]).float().cpu()
         chosen = sample(logits, [step.seqs[b].params for b in seqs], [step.seqs[b].generated for b in seqs])
         keep = step.return_logits
         return CoherentOutput(dict(zip(seqs, chosen)), {b: logits[i] for i, b in enumerate(seqs)} if keep else {}, [])

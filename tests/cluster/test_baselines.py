@@ -8,7 +8,6 @@ import torch
 
 from raymoe.benchmarks.baselines import deepspeed_ep
 from raymoe.benchmarks.baselines.measure import drive
-from tests.tiny_models import save_tiny_model
 from raymoe.workers.reference import ReferenceEngine
 
 # Equal lengths: the transformers baseline batches without padding.
@@ -18,10 +17,8 @@ HIDDEN, TOP_K, LAYERS = 32, 2, 3
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mixtral")
-    save_tiny_model("mixtral", path, seed=11)  # 6 experts, top-2, 3 layers
-    return str(path)
+def mixtral(tiny_model):
+    return str(tiny_model("mixtral", seed=11))  # 6 experts, top-2, 3 layers
 
 
 @pytest.fixture(scope="module")

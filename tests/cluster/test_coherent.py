@@ -11,7 +11,7 @@ from raymoe.cluster.coordinator import Deployment
 from raymoe.placement import build_plan, load_trace
 from tests.cluster.test_runtime import LATE, PROMPTS, lockstep
 from tests.plans import random_plan
-from tests.tiny_models import save_planted_affinity_model, save_tiny_model
+from tests.tiny_models import save_planted_affinity_model
 from raymoe.workers.reference import ReferenceEngine
 from raymoe.workers.sampling import SamplingParams
 
@@ -19,13 +19,9 @@ MIXED = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 9, 6)]  
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    paths = {}
-    for name, family, overrides in (("top2", "mixtral", {}), ("top1", "mixtral", {"num_experts_per_tok": 1}),
-                                    ("qwen2", "qwen2_moe", {})):
-        paths[name] = tmp_path_factory.mktemp(name)
-        save_tiny_model(family, paths[name], seed=5, **overrides)
-    return paths
+def models(tiny_model):
+    return {name: tiny_model(family, seed=5, **overrides) for name, family, overrides in (
+        ("top2", "mixtral", {}), ("top1", "mixtral", {"num_experts_per_tok": 1}), ("qwen2", "qwen2_moe", {}))}
 
 
 def coherent(path, ranks: int, plan=None, **overrides) -> Deployment:

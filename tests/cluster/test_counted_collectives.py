@@ -13,17 +13,12 @@ from raymoe.benchmarks.baselines.dist_probe import DistProbe
 from raymoe.cluster.config import parse_config
 from raymoe.cluster.coordinator import Deployment
 from tests.cluster.test_runtime import GREEDY, PROMPTS
-from tests.tiny_models import save_tiny_model
 from raymoe.workers.reference import ReferenceEngine
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    paths = {}
-    for name, overrides in (("top2", {}), ("top1", {"num_experts_per_tok": 1})):
-        paths[name] = tmp_path_factory.mktemp(name)
-        save_tiny_model("mixtral", paths[name], seed=3, **overrides)
-    return paths
+def models(tiny_model):
+    return {"top2": tiny_model("mixtral", seed=5), "top1": tiny_model("mixtral", seed=5, num_experts_per_tok=1)}
 
 
 def _install(actor) -> None:

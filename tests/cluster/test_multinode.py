@@ -24,7 +24,6 @@ from raymoe.cluster.multinode import bundle_label_selectors, check_pinning, desc
 from raymoe.placement.build import build_plan
 from raymoe.placement.plan import PlacementPlan
 from raymoe.placement.trace import load_trace
-from tests.tiny_models import save_tiny_model
 from raymoe.workers.reference import ReferenceEngine
 from raymoe.workers.sampling import SamplingParams
 
@@ -68,10 +67,8 @@ def local_cluster():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("mixtral")
-    save_tiny_model("mixtral", path, seed=11)  # 6 experts, top-2, 3 MoE layers
-    return path
+def model(tiny_model) -> Path:
+    return tiny_model("mixtral", seed=11)  # 6 experts, top-2, 3 MoE layers
 
 
 @pytest.fixture(scope="module")

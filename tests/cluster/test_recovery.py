@@ -19,7 +19,6 @@ from raymoe.cluster.coordinator import Deployment
 from raymoe.cluster.recovery import StepFailure
 from raymoe.placement.plan import PlacementPlan
 from tests.plans import linear_plan, random_plan
-from tests.tiny_models import save_tiny_model
 from raymoe.workers.expert_map import layer_maps, without_ranks
 from raymoe.workers.reference import ReferenceEngine
 from raymoe.workers.replan import plan_moves
@@ -31,10 +30,8 @@ GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mixtral")
-    save_tiny_model("mixtral", path, seed=5)
-    return path
+def model(tiny_model):
+    return tiny_model("mixtral", seed=5)
 
 
 @pytest.fixture(scope="module")

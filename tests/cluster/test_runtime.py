@@ -26,12 +26,8 @@ GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    paths = {}
-    for family in ("mixtral", "qwen2_moe", "deepseek_v3"):
-        paths[family] = tmp_path_factory.mktemp(family)
-        save_tiny_model(family, paths[family], seed=11)
-    return paths
+def models(tiny_model):
+    return {family: tiny_model(family, seed=11) for family in ("mixtral", "qwen2_moe", "deepseek_v3")}
 
 
 def deployment(path, ranks: int, plan=None, **overrides) -> Deployment:

@@ -165,24 +165,22 @@ class CoherentMoE:
                  top_k: int):
         self.maps, self.stacks, self.collectives, self.rank, self.top_k = maps, stacks, collectives, rank, top_k
 
-    def __call__(self, moe_index: int, block, norm, hosted: Hosted,
-                 replicated: bool = False) -> tuple[Hosted, LayerTraffic]:
-        """One MoE layer of the hosted tokens (``hosted.h``: their residual stream): ``block``
-        is the layer's MoE block (router, shared experts), ``norm`` its input norm;
-        ``replicated``: every rank hosts every token (the step's first MoE layer: nothing
-        to dispatch)."""
+    def __call__(self, moe_index: int, layer, hosted: Hosted, replicated: bool = False) -> tuple[Hosted, LayerTraffic]:
+        """One MoE layer (a ``DecoderLayer``: its ``mlp_input``, ``route`` and ``moe_output``)
+        of the hosted tokens (``hosted.h``: their residual stream); ``replicated``: every
+        rank hosts every token (the step's first MoE layer: nothing to dispatch)."""
         lm, me = self.maps[moe_index], self.rank
         before = self.collectives.snapshot()
-        routed = route(block.route(norm(hosted.h)), hosted.tokens, lm, -1 if replicated else me)
+        routed = route(layer.route(layer.mlp_input(hosted.h)), hosted.tokens, lm, -1 if replicated else me)
         arrived = None  # replicated: every rank already holds every token
         if not replicated:
             arrived = exchange_dispatch(*pack_dispatch(hosted, routed, me), self.collectives)
         rows = rows_here(hosted, routed, arrived, me, self.top_k)
-        partial, pairs = weighted_experts(norm(rows.h), rows.ids, rows.weights, self.stacks[moe_index])
+        partial, pairs = weighted_experts(layer.mlp_input(rows.h), rows.ids, rows.weights, self.stacks[moe_index])
         merged, merged_token = partial[:0], rows.token[:0]
         if self.top_k > 1:
             merged, merged_token = merge_partials(rows, partial, me, lm.num_ranks, self.collectives)
-        new = self._assemble(rows, partial, merged, merged_token, block, norm)
+        new = self._assemble(rows, partial, merged, merged_token, layer)
         arrived_rows = len(rows.token) - len(hosted.tokens)
         stats = LayerTraffic.of([pairs if r == me else 0 for r in range(lm.num_ranks)],
                                 [arrived_rows if r == me else 0 for r in range(lm.num_ranks)],
@@ -192,11 +190,10 @@ class CoherentMoE:
         return new, stats
 
     def _assemble(self, rows: Rows, partial: torch.Tensor, merged: torch.Tensor, merged_token: torch.Tensor,
-                  block, norm) -> Hosted:
+                  layer) -> Hosted:
         """Step 6 (local): the tokens hosted from now on: residual + experts + shared experts."""
         keep = rows.home == self.rank
         tokens, order = torch.sort(rows.token[keep])
         residual, y = rows.h[keep][order], partial[keep][order]
         y.index_add_(0, torch.searchsorted(tokens, merged_token), merged)
-        shared = block.shared(norm(residual))
-        return Hosted(tokens, residual + (y if shared is None else y + shared))
+        return Hosted(tokens, layer.moe_output(residual, layer.mlp_input(residual), y))

@@ -47,6 +47,33 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
+    # The layer's parts, as every engine runs them (the reference forward below, the
+    # coherent layout's per-rank loop): h is the residual stream [T, D], x the MLP input.
+    @property
+    def index(self) -> int:
+        """This layer's position in the model (its KV-cache layer)."""
+        return self.self_attn.layer
+
+    def attend(self, h: torch.Tensor, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+        """The attention residual: ``h + attention(norm(h))``."""
+        return h + self.self_attn(self.input_layernorm(h), batch, cache)
+
+    def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_layernorm(h)
+
+    def dense(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A dense layer's MLP residual: ``h + mlp(x)``."""
+        return h + self.mlp(x)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """A MoE layer's routing of ``x`` (``topk_ids`` / ``topk_weights [T, A]``)."""
+        return self.mlp.route(x)
+
+    def moe_output(self, h: torch.Tensor, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """A MoE layer's residual: ``h`` + the routed experts' combined output + the shared experts of ``x``."""
+        shared = self.mlp.shared(x)
+        return h + (routed if shared is None else routed + shared)
+
 
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig, with_experts: bool = True):
@@ -66,8 +93,20 @@ class MoEForCausalLM(nn.Module):
         self.model = Backbone(config, with_experts)
         self.lm_head = linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [T]`` -> the residual stream ``[T, D]``."""
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and LM head: ``h [N, D]`` -> ``[N, V]``."""
+        return self.lm_head(self.model.norm(h))
 
     def local_experts(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The default ExpertExecutor: every expert is on this process."""
@@ -81,20 +120,18 @@ class MoEForCausalLM(nn.Module):
         With ``cache`` the new keys and values are stored and earlier ones attended to;
         without it every sequence must start at position 0.
         """
-        h = self.model.embed_tokens(batch.input_ids)  # [T, D]
+        h = self.embed(batch.input_ids)  # [T, D]
         moe_index = 0
         for index, layer in enumerate(self.model.layers):
-            h = h + layer.self_attn(layer.input_layernorm(h), batch, cache)
-            x = layer.post_attention_layernorm(h)
+            h = layer.attend(h, batch, cache)
+            x = layer.mlp_input(h)
             if layer.is_moe:
-                routing = layer.mlp.route(x)
+                routing = layer.route(x)
                 if on_route is not None:
                     on_route(moe_index, routing)
                 y = layer.mlp.run_experts(x, routing) if experts is None else experts(moe_index, index, x, routing)
-                shared = layer.mlp.shared(x)
-                h = h + (y if shared is None else y + shared)
+                h = layer.moe_output(h, x, y)
                 moe_index += 1
             else:
-                h = h + layer.mlp(x)
-        h = self.model.norm(h if all_logits or batch.decode else h[batch.last_token])  # decode: [T] is [B]
-        return self.lm_head(h)
+                h = layer.dense(h, x)
+        return self.logits(h if all_logits or batch.decode else h[batch.last_token])  # decode: [T] is [B]
