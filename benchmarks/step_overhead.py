@@ -5,10 +5,15 @@
 For each model (the shipped tiny model; a random 16-expert x 1024-wide model) and batch
 (1, 8, 32 sequences), in one run: the median decode ms per step of the reference engine
 (one process), the runtime disaggregated with 1 and 2 expert ranks, and coherent with 2
-ranks, each as a ratio to the reference measured in the same run; transformers' decode on
-the large model; and the floor: the reference's own step (the same model code, kernels
-and 1 torch thread; the runtime adds processes, pack/unpack and collectives on top), plus
-what one gloo all-to-all costs here, times the collectives a step issues.
+ranks, each as a ratio to the reference; transformers' decode on the large model; and the
+floor: the reference's own step (the same model code, kernels and 1 torch thread; the
+runtime adds processes, pack/unpack and collectives on top), plus what one all-to-all
+costs here on gloo and one dispatch + combine on the same-node transport.
+
+The machine is noisy (the same step varies by up to 2x over minutes), so all engines of a
+model stay up together and decode the same requests in interleaved rounds: each round
+times a few steps of every engine in turn, and the medians compare steps taken through
+the same minutes.
 
 Every row checks that it produced the reference's tokens. Runs on the embedded Ray.
 """
@@ -39,25 +44,41 @@ TINY = ROOT / "models" / "tiny-moe"
 ENGINES = (("disaggregated", 1), ("disaggregated", 2), ("coherent", 2))
 
 
-def decode_steps(engine: Engine, prompts: list[list[int]], warmup: int, steps: int) -> tuple[list[float], list]:
-    """Seconds of each timed decode step (after the prefill and ``warmup`` steps) and the outputs."""
-    params = SamplingParams(max_new_tokens=1 + warmup + steps, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts]
-    seconds, done, index = [], {}, 0
-    while engine.has_work():
+def interleaved(engines: dict[str, Engine], prompts: list[list[int]], warmup: int, rounds: int,
+                per_round: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Every engine decodes the same requests; their steps run in rounds, ``per_round``
+    steps of each engine in turn, so every engine is timed through the same minutes of a
+    noisy machine. Returns the step seconds and the outputs of each engine."""
+    total = 1 + warmup + rounds * per_round
+    params = SamplingParams(max_new_tokens=total, ignore_eos=True)
+    ids = {name: [e.add_request(p, params) for p in prompts] for name, e in engines.items()}
+    done: dict[str, dict] = {name: {} for name in engines}
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+
+    def step(name: str, timed: bool) -> None:
         started = time.perf_counter()
-        result = engine.step()
-        if index > warmup:
-            seconds.append(time.perf_counter() - started)
-        index += 1
-        done.update({c.request_id: c.output_ids for c in result.finished})
-    return seconds, [done[i] for i in ids]
+        result = engines[name].step()
+        if timed:
+            seconds[name].append(time.perf_counter() - started)
+        done[name].update({c.request_id: c.output_ids for c in result.finished})
+
+    for name in engines:
+        for _ in range(1 + warmup):  # prefill and warm-up
+            step(name, False)
+    for _ in range(rounds):
+        for name in engines:
+            for _ in range(per_round):
+                step(name, True)
+    for name, engine in engines.items():
+        while engine.has_work():
+            step(name, False)
+    return seconds, {name: [done[name][i] for i in ids[name]] for name in engines}
 
 
 def collectives_per_step(engine: Engine) -> float:
     """Collectives each rank issued per decode step (the stats count them at the call)."""
     stats = getattr(engine, "stats", None)
-    steps = stats.per_step[1:] if stats and len(stats.per_step) > 1 else []
+    steps = [s for s in stats.per_step if s.tokens == s.sequences] if stats else []  # decode steps
     if not steps or not steps[0].layers:
         return 0.0
     calls = sum(L.token_collectives + L.metadata_collectives for s in steps for L in s.layers) + \
@@ -74,39 +95,86 @@ def transformers_decode(path: Path, prompts: list[list[int]], steps: int) -> tup
     return statistics.median(step_seconds[3:]) * 1000, outputs
 
 
-def bench_model(name: str, path: Path, batches: list[int], prompt_len: int, warmup: int, steps: int,
-                with_transformers: bool, progress: tqdm) -> list[dict]:
+def bench_model(name: str, path: Path, batches: list[int], prompt_len: int, warmup: int, rounds: int,
+                per_round: int, with_transformers: bool, progress: tqdm) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
     torch.set_num_threads(1)  # the same per-process thread budget as each runtime actor
-    reference = ReferenceEngine.from_pretrained(path, max_seqs=max(batches))
-    vocab = reference.model.config.vocab_size
-    for batch in batches:
-        prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
-        seconds, ref_out = decode_steps(reference, prompts, warmup, steps)
-        ref_ms = statistics.median(seconds) * 1000
-        rows.append({"model": name, "batch": batch, "engine": "reference", "ranks": 0, "decode_ms": ref_ms,
-                     "ratio": 1.0, "same_tokens": True, "collectives_per_step": 0.0})
-        progress.update()
-        if with_transformers:
-            hf_ms, hf_out = transformers_decode(path, prompts, steps)
-            rows.append({"model": name, "batch": batch, "engine": "transformers", "ranks": 0, "decode_ms": hf_ms,
-                         "ratio": hf_ms / ref_ms, "same_tokens": [o[:len(hf_out[0])] for o in ref_out] == hf_out,
-                         "collectives_per_step": 0.0})
+    engines: dict[str, Engine] = {"reference": ReferenceEngine.from_pretrained(path, max_seqs=max(batches))}
+    try:
         for layout, ranks in ENGINES:
             config = parse_config({"model": str(path), "layout": layout, "expert_ranks": ranks,
                                    "batching": {"max_seqs": max(batches)},
                                    "resources": {"cpus_per_actor": 0.1, "threads_per_actor": 1}})
-            with Deployment(config) as dep:
-                decode_steps(dep, prompts[:1], 0, 2)  # warm-up: actors, collectives
-                dep.stats.per_step.clear()
-                seconds, out = decode_steps(dep, prompts, warmup, steps)
-                calls = collectives_per_step(dep)
-            ms = statistics.median(seconds) * 1000
-            rows.append({"model": name, "batch": batch, "engine": layout, "ranks": ranks, "decode_ms": ms,
-                         "ratio": ms / ref_ms, "same_tokens": out == ref_out, "collectives_per_step": calls})
+            engines[f"{layout} {ranks}"] = Deployment(config)
+        vocab = engines["reference"].model.config.vocab_size
+        for batch in batches:
+            prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+            for engine in engines.values():
+                if hasattr(engine, "stats"):
+                    engine.stats.per_step.clear()
+            seconds, outputs = interleaved(engines, prompts, warmup, rounds, per_round)
+            ref_ms = statistics.median(seconds["reference"]) * 1000
+            rows.append({"model": name, "batch": batch, "engine": "reference", "ranks": 0, "decode_ms": ref_ms,
+                         "ratio": 1.0, "same_tokens": True, "collectives_per_step": 0.0})
+            if with_transformers:
+                hf_ms, hf_out = transformers_decode(path, prompts, rounds * per_round)
+                rows.append({"model": name, "batch": batch, "engine": "transformers", "ranks": 0,
+                             "decode_ms": hf_ms, "ratio": hf_ms / ref_ms,
+                             "same_tokens": [o[:len(hf_out[0])] for o in outputs["reference"]] == hf_out,
+                             "collectives_per_step": 0.0})
+            for layout, ranks in ENGINES:
+                key = f"{layout} {ranks}"
+                ms = statistics.median(seconds[key]) * 1000
+                rows.append({"model": name, "batch": batch, "engine": layout, "ranks": ranks, "decode_ms": ms,
+                             "ratio": ms / ref_ms, "same_tokens": outputs[key] == outputs["reference"],
+                             "collectives_per_step": collectives_per_step(engines[key]),
+                             "backend": engines[key].backend})
             progress.update()
+    finally:
+        for engine in engines.values():
+            if hasattr(engine, "shutdown"):
+                engine.shutdown()
     return rows
+
+
+def local_transport_round_trip_us(world: int, nbytes: int = 4096, repeats: int = 300) -> float:
+    """Median microseconds of one dispatch + combine (rank 0 sends ``nbytes`` split over the
+    others, they send it back) over the same-node transport."""
+    import torch.multiprocessing as mp
+
+    from raymoe.workers.process_group import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    name = f"probe-{free_port()}"
+    procs = [ctx.Process(target=_round_trips, args=(r, world, name, nbytes, repeats, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return queue.get()
+
+
+def _round_trips(rank: int, world: int, name: str, nbytes: int, repeats: int, queue) -> None:
+    from raymoe.workers.dispatch.local_transport import LocalTransport
+
+    torch.set_num_threads(1)
+    t = LocalTransport.connect(name, rank, world, 30.0)
+    per = nbytes // (world - 1)
+    out_splits = [0] + [per] * (world - 1) if rank == 0 else [0] * world
+    in_splits = [0] * world if rank == 0 else [per] + [0] * (world - 1)
+    send, recv = torch.zeros(sum(out_splits), dtype=torch.uint8), torch.empty(sum(in_splits), dtype=torch.uint8)
+    times = []
+    for i in range(repeats + 20):
+        started = time.perf_counter()
+        t.all_to_all_single(recv, send, in_splits, out_splits)
+        t.all_to_all_single(send, recv, out_splits, in_splits)
+        if i >= 20:
+            times.append(time.perf_counter() - started)
+    if rank == 0:
+        queue.put(statistics.median(times) * 1e6)
+    t.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per row")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of interleaved engines")
+    parser.add_argument("--per-round", type=int, default=4, help="timed decode steps per engine and round")
     parser.add_argument("--large-experts", type=int, default=16)
     parser.add_argument("--large-hidden", type=int, default=1024)
     parser.add_argument("--skip-large", action="store_true")
@@ -131,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_large:
             large = random_model(Path(tmp) / "large", args.large_hidden, args.large_experts, 4, args.large_hidden)
             models.append((f"random-{args.large_experts}x{args.large_hidden}", large, True))
-        total = sum(len(batches) * (1 + len(ENGINES)) for _ in models)
-        with tqdm(total=total, desc="step overhead", file=sys.stderr) as progress:
+        with tqdm(total=len(models) * len(batches), desc="step overhead", file=sys.stderr) as progress:
             for name, path, with_hf in models:
-                rows += bench_model(name, path, batches, args.prompt_len, args.warmup, args.steps, with_hf, progress)
+                rows += bench_model(name, path, batches, args.prompt_len, args.warmup, args.rounds, args.per_round,
+                                    with_hf, progress)
     from raymoe.benchmarks.baselines.probe import all_to_all_latency
 
     for world, by_bytes in all_to_all_latency((2, 3), repeats=200).items():  # one gloo all_to_all_single
         floors[f"gloo_all_to_all_us_{world}_processes_4KiB"] = by_bytes[4096] * 1e6
+    for world in (2, 3):  # dispatch + combine over the same-node transport
+        floors[f"local_round_trip_us_{world}_processes_4KiB"] = local_transport_round_trip_us(world)
     ray.shutdown()
     data = {"rows": rows, "floors": floors}
     result_file.write(out, meta, data)

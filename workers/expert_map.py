@@ -24,9 +24,26 @@ class LayerMap:
     slot_local: torch.Tensor  # int64 [S]
     rank_experts: tuple[tuple[int, ...], ...]  # per rank: logical expert of each local slot
 
+    def __post_init__(self):
+        # Without replicas a pair's rank and local slot depend on its expert alone: tables [E].
+        direct = None
+        if bool((self.logcnt <= 1).all()):
+            first = self.log2phy[:, 0]
+            direct = (self.slot_rank[first], self.slot_local[first])
+        object.__setattr__(self, "_direct", direct)
+
     @property
     def num_ranks(self) -> int:
         return len(self.rank_experts)
+
+    def ranks_and_locals(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank and the local slot of every pair of the step's tokens ``topk_ids [T, A]``
+        (token t is the step's token t, for the replica rule) -> two ``[T, A]``."""
+        if self._direct is not None:
+            rank, local = self._direct
+            return rank[topk_ids], local[topk_ids]
+        slot = self.slots(topk_ids, torch.arange(topk_ids.shape[0], device=topk_ids.device))
+        return self.slot_rank[slot], self.slot_local[slot]
 
     def slots(self, topk_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The slot each (token, expert) pair runs on: ``topk_ids [n, A]`` of tokens

@@ -86,27 +86,25 @@ def test_pack_sends_each_token_once_per_rank_and_spreads_replicas(case):
     packed = pack(x, routing.topk_ids, routing.topk_weights, layer_map)
     xs, ids, weights = decode_rows(packed.rows, 6, top_k, x.dtype)
     capacity, seen = packed.capacity, set()
+    assert capacity == tokens and len(xs) == ranks * capacity
     for rank in range(ranks):
-        for token in range(tokens):
-            row = int(packed.position[rank, token])
-            if row < 0:
-                continue
-            assert 0 <= row < capacity and (token, rank) not in seen
-            seen.add((token, rank))
-            r = rank * capacity + row
+        for token in range(tokens):  # rank r's block: row t is token t (a padding row if no pair is there)
+            r = rank * capacity + token
             torch.testing.assert_close(xs[r], x[token], rtol=0, atol=0)
-            for k in torch.nonzero(ids[r] >= 0).flatten().tolist():
+            local = torch.nonzero(ids[r] >= 0).flatten().tolist()
+            if local:
+                seen.add((token, rank))
+            for k in local:
                 expert = int(routing.topk_ids[token, k])
                 replica = token % int(layer_map.logcnt[expert])
                 slot = int(layer_map.log2phy[expert, replica])
                 assert int(layer_map.slot_rank[slot]) == rank and int(layer_map.slot_local[slot]) == int(ids[r, k])
                 assert float(weights[r, k]) == float(routing.topk_weights[token, k])
-        # padding rows carry no expert: rows beyond the rank's real ones
-        real = int(packed.rows_per_rank[rank])
-        assert (ids[rank * capacity + real:(rank + 1) * capacity] < 0).all()
-        assert real == int((packed.position[rank] >= 0).sum())
+            assert all(float(weights[r, k]) == 0.0 for k in range(top_k) if k not in local)
+        assert int(packed.rows_per_rank[rank]) == sum(1 for t, q in seen if q == rank)
     assert seen == {(t, int(layer_map.slot_rank[layer_map.log2phy[e, t % layer_map.logcnt[e]]]))
                     for t in range(tokens) for e in routing.topk_ids[t].tolist()}
+    assert int(packed.pairs_per_rank.sum()) == tokens * top_k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -33,7 +33,7 @@ import torch
 
 from raymoe.workers.dispatch.collectives import Collectives
 from raymoe.workers.dispatch.compute import weighted_experts
-from raymoe.workers.dispatch.wire import decode_rows, encode_rows
+from raymoe.workers.dispatch.wire import decode_rows, row_bytes
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.model.experts import ExpertStack
 
@@ -42,45 +42,43 @@ from raymoe.workers.model.experts import ExpertStack
 class Packed:
     """The dispatch send buffer of one front-end, and what its combine needs."""
 
-    rows: torch.Tensor  # uint8 [R * C, row_bytes]: rank r's rows at [r * C, (r + 1) * C)
-    position: torch.Tensor  # int64 [R, T]: the row of token t in rank r's block, -1 if not sent there
-    rows_per_rank: torch.Tensor  # int64 [R]: rows that are not padding
-    pairs_per_rank: torch.Tensor  # int64 [R]: (token, expert) pairs each rank computes
+    rows: torch.Tensor  # uint8 [R * C, row_bytes]: rank r's block at [r * C, (r + 1) * C); row t = token t
+    on_rank: torch.Tensor  # bool [R, T, A]: pair (t, a) runs on rank r
 
     @property
     def capacity(self) -> int:
-        return self.position.shape[1]
+        return self.on_rank.shape[1]
+
+    @property
+    def rows_per_rank(self) -> torch.Tensor:
+        """int64 [R]: rows that are not padding (tokens with an expert on the rank)."""
+        return self.on_rank.any(2).sum(1)
+
+    @property
+    def pairs_per_rank(self) -> torch.Tensor:
+        """int64 [R]: (token, expert) pairs each rank computes."""
+        return self.on_rank.sum((1, 2))
 
 
 def pack(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer_map: LayerMap) -> Packed:
     """Dispatch preprocess (local): ``x [T, D]`` routed by ``topk_ids/topk_weights [T, A]``.
 
-    Device ops only (no host sync): every index is computed, none read back."""
+    Rank r's block holds one row per token, in token order (C = T): token t's x, the
+    local slots of its pairs on rank r (-1 for the pairs elsewhere; all -1 makes it a
+    padding row, which no expert computes) and their weights. A handful of device ops and
+    no host sync: nothing is compacted, so nothing needs counting first."""
     tokens, top_k = topk_ids.shape
-    ranks, device = layer_map.num_ranks, x.device
-    token = torch.arange(tokens, device=device)
-    slot = layer_map.slots(topk_ids, token)  # [T, A]; replicas chosen by the map's rule
-    pair_rank, pair_local = layer_map.slot_rank[slot], layer_map.slot_local[slot]
-    # Step 1: the (rank, token) rows that exist, each one's row in its rank's block.
-    used = torch.zeros(ranks, tokens, dtype=torch.bool, device=device)
-    used[pair_rank, token[:, None].expand(tokens, top_k)] = True
-    position = torch.where(used, used.cumsum(1) - 1, -1)  # [R, T]
-    # Step 2: which token fills each row (a padding row keeps token 0: its ids say "none").
-    capacity = tokens
-    flat = torch.where(used, torch.arange(ranks, device=device)[:, None] * capacity + position, ranks * capacity)
-    token_at = torch.zeros(ranks * capacity + 1, dtype=torch.long, device=device)
-    token_at.scatter_(0, flat.reshape(-1), token.repeat(ranks))  # the last entry collects the unused
-    # Step 3: per row and top-k column, the local slot of a pair on that rank, and its weight.
-    row = (pair_rank * capacity + position[pair_rank, token[:, None]]).reshape(-1)  # [T*A]
-    column = torch.arange(top_k, device=device).repeat(tokens)
-    ids = torch.full((ranks * capacity, top_k), -1, dtype=torch.int32, device=device)
-    weights = torch.zeros(ranks * capacity, top_k, dtype=torch.float32, device=device)
-    ids[row, column] = pair_local.reshape(-1).to(torch.int32)
-    weights[row, column] = topk_weights.reshape(-1).float()
-    rows = encode_rows(x[token_at[:-1]], ids, weights)
-    pairs = torch.zeros(ranks, dtype=torch.long, device=device).index_add_(
-        0, pair_rank.reshape(-1), torch.ones(tokens * top_k, dtype=torch.long, device=device))
-    return Packed(rows, position, used.sum(1), pairs)
+    ranks = layer_map.num_ranks
+    pair_rank, pair_local = layer_map.ranks_and_locals(topk_ids)  # [T, A] each
+    on_rank = pair_rank[None] == torch.arange(ranks, device=x.device)[:, None, None]  # [R, T, A]
+    ids = torch.where(on_rank, pair_local.to(torch.int32)[None], -1)
+    weights = torch.where(on_rank, topk_weights.float()[None], 0.0)
+    if tokens == 0:  # an empty tensor may carry strides that refuse a byte view
+        return Packed(torch.empty(0, row_bytes(x.shape[1], top_k, x.dtype), dtype=torch.uint8, device=x.device),
+                      on_rank)
+    rows = torch.cat([x.contiguous().view(torch.uint8).expand(ranks, tokens, -1),
+                      ids.view(torch.uint8), weights.view(torch.uint8)], 2)
+    return Packed(rows.reshape(ranks * tokens, rows.shape[2]), on_rank)
 
 
 def _splits(collectives: Collectives, frontends: int, capacity: int) -> tuple[list[int], list[int]]:
@@ -122,12 +120,8 @@ def exchange_outputs(out: torch.Tensor, capacity: int, collectives: Collectives,
 
 
 def unpack(back: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """Combine postprocess (local): the ranks' partial sums ``[R * C, D]`` -> ``[T, D]``,
-    added in rank order."""
-    ranks, tokens = packed.position.shape
-    back = back.view(ranks, packed.capacity, back.shape[1])
-    out = back.new_zeros(tokens, back.shape[2])
-    for r in range(ranks):
-        mine = packed.position[r]
-        out += torch.where((mine >= 0)[:, None], back[r, mine.clamp(min=0)], 0)
-    return out
+    """Combine postprocess (local): the ranks' partial sums ``[R * C, D]`` -> ``[T, D]``
+    (a token's row on a rank that computed none of its pairs is zero), added in rank order."""
+    ranks, tokens, _ = packed.on_rank.shape
+    parts = back.view(ranks, tokens, back.shape[1])
+    return parts[0] if ranks == 1 else parts.sum(0)
