@@ -42,7 +42,8 @@ def prompts_from(files: tuple[str, ...], tokenizer, count: int, length: int) -> 
 
 def measure(model: Path, ranks: int, layout: str, plan, prompts, params, batch: int) -> dict:
     config = parse_config({"model": str(model), "layout": layout, "expert_ranks": ranks,
-                           "batching": {"max_seqs": batch}, "resources": {"cpus_per_actor": 0.1}})
+                           "batching": {"max_seqs": batch, "overlap": "off"},  # the layout's own traffic
+                           "resources": {"cpus_per_actor": 0.1}})
     with Deployment(config, plan) as dep:
         for p in prompts:
             dep.add_request(p, params)

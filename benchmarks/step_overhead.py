@@ -5,7 +5,8 @@
 For each model (the shipped tiny model; a random 16-expert x 1024-wide model) and batch
 (1, 8, 32 sequences), in one run: the median decode ms per step of the reference engine
 (one process), the runtime disaggregated with 1 and 2 expert ranks, and coherent with 2
-ranks, each as a ratio to the reference; transformers' decode on the large model; and the
+ranks, each as a ratio to the reference (disaggregated with two micro-batches per decode
+step never, always, and as the measured rule decides: ``batching.overlap`` off/on/auto); transformers' decode on the large model; and the
 floor: the reference's own step (the same model code, kernels and 1 torch thread; the
 runtime adds processes, pack/unpack and collectives on top), plus what one all-to-all
 costs here on gloo and one dispatch + combine on the same-node transport.
@@ -41,7 +42,9 @@ from raymoe.workers.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny-moe"
-ENGINES = (("disaggregated", 1), ("disaggregated", 2), ("coherent", 2))
+# (layout, ranks, batching.overlap): the disaggregated layout with two micro-batches per
+# decode step always (on), never (off), and as its measured rule decides (auto).
+ENGINES = tuple(("disaggregated", r, o) for r in (1, 2) for o in ("off", "on", "auto")) + (("coherent", 2, "off"),)
 
 
 def interleaved(engines: dict[str, Engine], prompts: list[list[int]], warmup: int, rounds: int,
@@ -86,6 +89,12 @@ def collectives_per_step(engine: Engine) -> float:
     return calls / len(steps)
 
 
+def two_batch_fraction(engine: Engine) -> float:
+    """Of the decode steps of this batch, the fraction run as two micro-batches."""
+    steps = [s for s in engine.stats.per_step if s.tokens == s.sequences]
+    return sum(s.micro_batches == 2 for s in steps) / len(steps) if steps else 0.0
+
+
 def transformers_decode(path: Path, prompts: list[list[int]], steps: int) -> tuple[float, list]:
     """transformers' median decode ms per step (one process, 1 thread) and its tokens."""
     from raymoe.benchmarks.baselines.hf_transformers import TransformersHost
@@ -102,11 +111,11 @@ def bench_model(name: str, path: Path, batches: list[int], prompt_len: int, warm
     torch.set_num_threads(1)  # the same per-process thread budget as each runtime actor
     engines: dict[str, Engine] = {"reference": ReferenceEngine.from_pretrained(path, max_seqs=max(batches))}
     try:
-        for layout, ranks in ENGINES:
+        for layout, ranks, overlap in ENGINES:
             config = parse_config({"model": str(path), "layout": layout, "expert_ranks": ranks,
-                                   "batching": {"max_seqs": max(batches)},
+                                   "batching": {"max_seqs": max(batches), "overlap": overlap},
                                    "resources": {"cpus_per_actor": 0.1, "threads_per_actor": 1}})
-            engines[f"{layout} {ranks}"] = Deployment(config)
+            engines[f"{layout} {ranks} {overlap}"] = Deployment(config)
         vocab = engines["reference"].model.config.vocab_size
         for batch in batches:
             prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -123,13 +132,17 @@ def bench_model(name: str, path: Path, batches: list[int], prompt_len: int, warm
                              "decode_ms": hf_ms, "ratio": hf_ms / ref_ms,
                              "same_tokens": [o[:len(hf_out[0])] for o in outputs["reference"]] == hf_out,
                              "collectives_per_step": 0.0})
-            for layout, ranks in ENGINES:
-                key = f"{layout} {ranks}"
+            for layout, ranks, overlap in ENGINES:
+                key = f"{layout} {ranks} {overlap}"
                 ms = statistics.median(seconds[key]) * 1000
-                rows.append({"model": name, "batch": batch, "engine": layout, "ranks": ranks, "decode_ms": ms,
-                             "ratio": ms / ref_ms, "same_tokens": outputs[key] == outputs["reference"],
-                             "collectives_per_step": collectives_per_step(engines[key]),
-                             "backend": engines[key].backend})
+                row = {"model": name, "batch": batch, "engine": layout, "ranks": ranks, "decode_ms": ms,
+                       "ratio": ms / ref_ms, "same_tokens": outputs[key] == outputs["reference"],
+                       "collectives_per_step": collectives_per_step(engines[key]),
+                       "backend": engines[key].backend}
+                if layout == "disaggregated":
+                    row["overlap"] = overlap
+                    row["two_batch_steps"] = two_batch_fraction(engines[key])
+                rows.append(row)
             progress.update()
     finally:
         for engine in engines.values():

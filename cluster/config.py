@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from raymoe.workers.overlap import MODES as OVERLAP_MODES
+
 LAYOUTS = ("disaggregated", "coherent")
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("auto", "gloo", "nccl", "local")
@@ -39,6 +41,7 @@ class BatchingConfig:
     max_seqs: int = 16  # sequences decoded together (one KV-cache slot each)
     max_seq_len: int = 1024  # prompt + generated tokens per sequence
     max_queue: int = 256  # waiting requests beyond which new ones are refused
+    overlap: str = "auto"  # two micro-batches per decode step (disaggregated): auto (measured), on, off
     max_wait_s: float | None = None  # refuse a request whose expected wait for a KV slot is longer (None: no limit)
 
 
@@ -159,6 +162,9 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
     _check(_is_int(b.max_queue) and b.max_queue >= 1, "batching.max_queue", b.max_queue, "an integer >= 1", source)
     _check(b.max_wait_s is None or (_is_number(b.max_wait_s) and 0 < b.max_wait_s <= 3600), "batching.max_wait_s",
            b.max_wait_s, "null (no limit) or seconds in (0, 3600]", source)
+    _check(b.overlap in OVERLAP_MODES, "batching.overlap", b.overlap,
+           f"one of {list(OVERLAP_MODES)} (auto: measured per batch size; on: always split decode steps in two; "
+           "off: never)", source)
     r = c.ray
     _check(r.address is None or (isinstance(r.address, str) and bool(r.address)), "ray.address", r.address,
            "null (embedded Ray), 'auto', or host:port of a cluster head", source)

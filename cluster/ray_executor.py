@@ -13,6 +13,7 @@ the engine then runs the step again from the sequences' committed tokens. After
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -25,6 +26,7 @@ from raymoe.cluster.multinode import bundle_label_selectors, check_pinning
 from raymoe.cluster.recovery import RecoveryPolicy, StepFailure
 from raymoe.workers.engine import Replay
 from raymoe.workers.expert_map import layer_maps
+from raymoe.workers.overlap import OverlapRule
 from raymoe.workers.stats import LayerTraffic, RuntimeStats, StepStats
 from raymoe.workers.step import StepInput, StepOutput
 
@@ -39,6 +41,7 @@ class RayExecutor:
         self.actors = ActorSet(config, plan, self.maps, dtype)
         self.recovery = RecoveryPolicy(self.actors, config)
         self._attempts: dict[int, int] = {}  # step id -> recoveries so far
+        self.overlap = OverlapRule(config.batching.overlap)  # two micro-batches per decode step, or not
 
     def start(self) -> None:
         self.actors.start()
@@ -65,10 +68,17 @@ class RayExecutor:
     def _execute_once(self, step: StepInput) -> StepOutput:
         if self.config.layout == "coherent":
             return self._execute_coherent(step)
-        tokens = sum(len(s.tokens) for s in step.seqs)  # every dispatch's capacity
+        split = self.overlap.split(len(step.seqs), step.decode)
+        if len(split) == 2:
+            step = dataclasses.replace(step, micro_batches=split)
+            tokens = split  # decode: a token per sequence
+        else:
+            tokens = (sum(len(s.tokens) for s in step.seqs),)  # every dispatch's capacity
+        started = time.perf_counter()
         messages = {0: ("step", (step,))}
         messages.update({i: ("step", (step.step_id, tokens)) for i in range(1, len(self.actors.actors))})
         replies = self.actors.step(messages)
+        self.overlap.observe(split, step.decode, time.perf_counter() - started)
         out, worker_stats = replies[0], [replies[i] for i in sorted(replies) if i]
         out.stats.layers = [functools.reduce(LayerTraffic.add, per_rank)  # the front-end's first: its routing
                             for per_rank in zip(out.stats.layers, *(w.layers for w in worker_stats), strict=True)]
@@ -130,6 +140,7 @@ class RayExecutor:
             raise DeploymentConfigError("layout", "coherent", "record routing traces with the disaggregated layout "
                                         "or the reference engine (the routing is the same)")
         ray.get(self.actors.frontend.record_trace.remote(enabled))
+        self.overlap.paused = enabled  # a trace records whole steps
 
     def save_trace(self, path: str) -> int:
         return ray.get(self.actors.frontend.save_trace.remote(str(path)))

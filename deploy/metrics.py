@@ -56,6 +56,8 @@ class ServingMetrics:
                                         buckets=BATCH_BUCKETS, registry=r)
         self.step_tokens = Counter("raymoe_step_tokens", "Tokens computed by engine steps (prefill + decode)",
                                    registry=r)
+        self.two_batch_steps = Counter("raymoe_two_batch_steps", "Decode steps run as two interleaved micro-batches "
+                                       "(batching.overlap)", registry=r)
         self.step_seconds = Histogram("raymoe_step_seconds", "Wall time of one engine step", buckets=ITL_BUCKETS,
                                       registry=r)
         self.engine_up = Gauge("raymoe_engine_up", "1 while the engine loop is stepping", registry=r)
@@ -140,6 +142,8 @@ class ServingMetrics:
         step = per_step[-1]
         self.step_sequences.observe(step.sequences)
         self.step_tokens.inc(step.tokens)
+        if step.micro_batches == 2:
+            self.two_batch_steps.inc()
         for index, layer in enumerate(step.layers):
             self._layer_traffic(index, layer)
         if len(per_step) > 2 * KEEP_STEPS:

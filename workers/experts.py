@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from raymoe.workers.dispatch.collectives import Tally
 from raymoe.workers.dispatch.disaggregated import exchange_outputs, exchange_tokens, run_experts
 from raymoe.workers.dispatch.wire import row_bytes
 from raymoe.workers.expert_map import LayerMap
@@ -76,22 +77,56 @@ class ExpertWorker(RankActor):
         return stats
 
     @torch.inference_mode()
-    def step(self, step_id: int, tokens: int) -> WorkerStepStats:
-        """Serve every MoE layer of one step of ``tokens`` front-end tokens (the capacity of
-        every dispatch). All ranks must call their step together: per layer, dispatch then
-        combine, in layer order."""
+    def step(self, step_id: int, tokens: tuple[int, ...]) -> WorkerStepStats:
+        """Serve every MoE layer of one step: ``tokens`` = the front-end tokens of each
+        micro-batch (the capacity of its dispatches). All ranks must call their step
+        together: per layer, dispatch then combine, in layer order; with two micro-batches,
+        in the interleaved order of ``workers/overlap.py``."""
         stats = WorkerStepStats()
+        moved = [Tally.zero() for _ in self.stacks]  # per MoE layer: what this rank's collectives sent
+        if len(tokens) == 2:
+            self._step_two(tokens, stats, moved)
+        else:
+            for index, stack in enumerate(self.stacks):
+                recv = self._counted(moved, index, exchange_tokens, self._nothing(), tokens[0], self.collectives)
+                out = self._compute(recv, stack, stats, add=False)
+                self._counted(moved, index, exchange_outputs, out, tokens[0], self.collectives)
         ranks = self.maps[0].num_ranks
-        nothing = torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device)  # expert ranks send no tokens
-        for stack in self.stacks:
-            before = self.collectives.snapshot()
-            recv = exchange_tokens(nothing, tokens, self.collectives)
-            started = time.perf_counter()
-            out, pairs = run_experts(recv, stack, self.hidden, self.top_k, self.dtype)
-            stats.expert_seconds += time.perf_counter() - started
-            stats.pairs.append(pairs)
-            exchange_outputs(out, tokens, self.collectives)
-            # bytes only: the front-end's part of the layer has the routing counts
-            stats.layers.append(LayerTraffic.of([0] * ranks, [0] * ranks, self.collectives.snapshot() - before))
+        # bytes only: the front-end's part of the layer has the routing counts
+        stats.layers = [LayerTraffic.of([0] * ranks, [0] * ranks, m) for m in moved]
         return stats
 
+    def _step_two(self, tokens: tuple[int, int], stats: WorkerStepStats, moved: list[Tally]) -> None:
+        """d0(0) d1(0) c0(0) d0(1) c1(0) d1(1) ...: compute one micro-batch while the
+        front-end runs the other's attention."""
+        layers, nothing, group = len(self.stacks), self._nothing(), self.collectives
+        if not layers:
+            return
+        recv0 = self._counted(moved, 0, exchange_tokens, nothing, tokens[0], group)
+        for index, stack in enumerate(self.stacks):
+            out0 = self._compute(recv0, stack, stats, add=False)
+            recv1 = self._counted(moved, index, exchange_tokens, nothing, tokens[1], group)
+            self._counted(moved, index, exchange_outputs, out0, tokens[0], group)
+            out1 = self._compute(recv1, stack, stats, add=True)
+            if index + 1 < layers:
+                recv0 = self._counted(moved, index + 1, exchange_tokens, nothing, tokens[0], group)
+            self._counted(moved, index, exchange_outputs, out1, tokens[1], group)
+
+    def _counted(self, moved: list[Tally], layer: int, collective, *args):
+        before = self.collectives.snapshot()
+        result = collective(*args)
+        moved[layer] += self.collectives.snapshot() - before
+        return result
+
+    def _nothing(self) -> torch.Tensor:
+        return torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device)  # expert ranks send no tokens
+
+    def _compute(self, recv: torch.Tensor, stack: ExpertStack, stats: WorkerStepStats, add: bool) -> torch.Tensor:
+        started = time.perf_counter()
+        out, pairs = run_experts(recv, stack, self.hidden, self.top_k, self.dtype)
+        stats.expert_seconds += time.perf_counter() - started
+        if add:
+            stats.pairs[-1] += pairs
+        else:
+            stats.pairs.append(pairs)
+        return out

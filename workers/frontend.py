@@ -12,7 +12,7 @@ import time
 import torch
 
 from raymoe.workers.dispatch.collectives import Collectives
-from raymoe.workers.dispatch.disaggregated import exchange_outputs, exchange_tokens, pack, unpack
+from raymoe.workers.dispatch.disaggregated import Packed, exchange_outputs, exchange_tokens, pack, unpack
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.model.router import Routing
@@ -26,38 +26,59 @@ from raymoe.workers.step import StepInput, StepOutput
 class DispatchingExperts:
     """The front-end's ExpertExecutor: routed experts run on the expert ranks.
 
-    Per MoE layer: 1 dispatch all-to-all + 1 combine all-to-all (fixed capacity C = T
-    rows per expert rank, ``workers/dispatch/disaggregated.py``), in layer order; every
-    expert rank runs the same sequence in ``ExpertWorker.step``.
+    Per MoE layer and micro-batch: 1 dispatch all-to-all + 1 combine all-to-all (fixed
+    capacity C = T rows per expert rank, ``workers/dispatch/disaggregated.py``), in the
+    order every expert rank runs in ``ExpertWorker.step``. Called whole (``__call__``) or
+    cut at its collectives (``send`` / ``receive``, for two micro-batches).
     """
 
     def __init__(self, maps: list[LayerMap], collectives: Collectives, expert_base: int, dtype: torch.dtype):
         self.maps, self.collectives, self.expert_base, self.dtype = maps, collectives, expert_base, dtype
-        self.layers: list[LayerTraffic] = []  # the front-end's part; the expert ranks report theirs
-        self._counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (pairs, rows) per rank, on device
+        self.layers: dict[int, LayerTraffic] = {}  # per MoE layer, the front-end's part; the ranks report theirs
+        self._counts: dict[int, list[torch.Tensor]] = {}  # per MoE layer: [pairs, rows] per rank, on device
         self.seconds = {"dispatch": 0.0, "combine_wait": 0.0}
 
     def __call__(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return self.receive(self.send(moe_index, layer, x, routing))
+
+    def send(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> tuple[int, Packed, torch.Tensor]:
+        """Pack and dispatch one micro-batch's tokens of MoE layer ``moe_index``."""
         started = time.perf_counter()
         before = self.collectives.snapshot()
         packed = pack(x, routing.topk_ids, routing.topk_weights, self.maps[moe_index])
         exchange_tokens(packed.rows, packed.capacity, self.collectives, self.expert_base)
-        dispatched = time.perf_counter()
-        back = exchange_outputs(x.new_empty(0, x.shape[1]), packed.capacity, self.collectives, self.expert_base)
+        self._add(moe_index, packed, self.collectives.snapshot() - before)
+        self.seconds["dispatch"] += time.perf_counter() - started
+        return moe_index, packed, x.new_empty(0, x.shape[1])
+
+    def receive(self, sent: tuple[int, Packed, torch.Tensor]) -> torch.Tensor:
+        """Wait for the combine of what ``send`` dispatched: ``[T, D]``."""
+        started = time.perf_counter()
+        moe_index, packed, nothing = sent
+        before = self.collectives.snapshot()
+        back = exchange_outputs(nothing, packed.capacity, self.collectives, self.expert_base)
+        self._add(moe_index, None, self.collectives.snapshot() - before)
         out = unpack(back, packed)
-        self.seconds["dispatch"] += dispatched - started
-        self.seconds["combine_wait"] += time.perf_counter() - dispatched
-        self._counts.append((packed.pairs_per_rank, packed.rows_per_rank))
-        self.layers.append(LayerTraffic.of([], [], self.collectives.snapshot() - before))
+        self.seconds["combine_wait"] += time.perf_counter() - started
         return out
+
+    def _add(self, moe_index: int, packed: Packed | None, moved) -> None:
+        traffic = LayerTraffic.of([], [], moved)
+        self.layers[moe_index] = traffic if moe_index not in self.layers else self.layers[moe_index].followed_by(traffic)
+        if packed is not None:
+            counts = [packed.pairs_per_rank, packed.rows_per_rank]
+            if moe_index in self._counts:
+                counts = [a + b for a, b in zip(self._counts[moe_index], counts)]
+            self._counts[moe_index] = counts
 
     def traffic(self) -> list[LayerTraffic]:
         """Every layer's traffic, the routing counts read back once for the whole step."""
+        layers = [self.layers[i] for i in sorted(self.layers)]
         if self._counts:
-            counts = torch.stack([torch.stack(c) for c in self._counts]).tolist()  # [L, 2, R]
-            for layer, (pairs, rows) in zip(self.layers, counts):
+            counts = torch.stack([torch.stack(self._counts[i]) for i in sorted(self._counts)]).tolist()  # [L, 2, R]
+            for layer, (pairs, rows) in zip(layers, counts):
                 layer.pairs_per_rank, layer.rows_per_rank = pairs, rows
-        return self.layers
+        return layers
 
 
 class FrontEnd(RankActor):
@@ -100,7 +121,7 @@ class FrontEnd(RankActor):
         experts = DispatchingExperts(self.maps, self.collectives, self.expert_base, self.dtype)
         tokens, logits, num_tokens = self.runner.run(step, experts)
         waited = experts.seconds["dispatch"] + experts.seconds["combine_wait"]
-        stats = StepStats(num_tokens, len(step.seqs), experts.traffic())
+        stats = StepStats(num_tokens, len(step.seqs), experts.traffic(), micro_batches=max(1, len(step.micro_batches)))
         stats.seconds.update(attention=time.perf_counter() - started - waited, dispatch=experts.seconds["dispatch"],
                              combine=experts.seconds["combine_wait"])
         return StepOutput(tokens, stats, logits if step.return_logits else None)

@@ -12,6 +12,7 @@ from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.overlap import SplitExperts, two_batch_forward
 from raymoe.workers.sampling import sample
 from raymoe.workers.step import StepInput
 from raymoe.workers.trace import TraceRecorder
@@ -33,9 +34,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInput, experts: ExpertExecutor | None = None) -> tuple[list[int], torch.Tensor, int]:
         """Sampled tokens (one per sequence), last-token logits ``[B, V]`` (float32, CPU),
-        and the number of tokens computed."""
-        batch = ForwardBatch.build([s.tokens for s in step.seqs], [s.start for s in step.seqs],
-                                   [s.slot for s in step.seqs]).to(self.device)
+        and the number of tokens computed. A step with two ``micro_batches`` runs them
+        interleaved (``workers/overlap.py``): ``experts`` must then be a ``SplitExperts``."""
+        if len(step.micro_batches) == 2:
+            return self._run_two(step, experts)
+        batch = self._batch(step.seqs)
         self.cache.reserve(batch.max_len)
         observer = self.recorder.observer if self.recorder else None
         logits = self.model(batch, self.cache, experts=experts, on_route=observer).float().cpu()
@@ -44,3 +47,18 @@ class ModelRunner:
                                    [s.generated == 0 for s in step.seqs for _ in s.tokens])
         tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs])
         return tokens, logits, batch.num_tokens
+
+    def _batch(self, seqs) -> ForwardBatch:
+        return ForwardBatch.build([s.tokens for s in seqs], [s.start for s in seqs],
+                                  [s.slot for s in seqs]).to(self.device)
+
+    def _run_two(self, step: StepInput, experts: SplitExperts) -> tuple[list[int], torch.Tensor, int]:
+        if self.recorder is not None:
+            raise ValueError("a routing trace records whole steps: run the step as one micro-batch")
+        first = step.micro_batches[0]
+        batches = [self._batch(step.seqs[:first]), self._batch(step.seqs[first:])]
+        self.cache.reserve(max(b.max_len for b in batches))
+        parts = two_batch_forward([self.model.layer_steps(b, self.cache) for b in batches], experts)
+        logits = torch.cat(parts).float().cpu()
+        tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs])
+        return tokens, logits, sum(b.num_tokens for b in batches)

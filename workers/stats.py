@@ -33,6 +33,16 @@ class LayerTraffic:
     hosted_tokens: int = 0  # coherent: tokens routed at this layer
     stayed_tokens: int = 0  # coherent: of those, tokens whose next home is the rank they were on
 
+    def followed_by(self, later: "LayerTraffic") -> "LayerTraffic":
+        """This rank's part of the layer and its later part (another micro-batch's
+        collectives of the same layer): bytes, counts and collectives all add."""
+        summed = self.add(later)
+        summed.pairs_per_rank = _sum_lists(self.pairs_per_rank, later.pairs_per_rank)
+        summed.rows_per_rank = _sum_lists(self.rows_per_rank, later.rows_per_rank)
+        summed.token_collectives = self.token_collectives + later.token_collectives
+        summed.metadata_collectives = self.metadata_collectives + later.metadata_collectives
+        return summed
+
     @classmethod
     def of(cls, pairs_per_rank: list[int], rows_per_rank: list[int], moved: Tally, **coherent) -> "LayerTraffic":
         """One rank's view of a layer: its routing counts and what its collectives tallied
@@ -55,6 +65,10 @@ class LayerTraffic:
         )
 
 
+def _sum_lists(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b)] if a and b else list(a or b)
+
+
 @dataclass
 class StepStats:
     tokens: int
@@ -64,6 +78,7 @@ class StepStats:
     messages: int = 0  # step messages the coordinator sent its actors (over their channels; no Ray call)
     coherence_bytes: int = 0  # coherent layout: KV rows all-gathered to keep every rank's context
     coherence_collectives: int = 0
+    micro_batches: int = 1  # 2: run as two interleaved micro-batches (workers/overlap.py)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -28,6 +28,14 @@ class StepInput:
     step_id: int
     seqs: list[SeqStep]
     return_logits: bool = False
+    # Sequences per micro-batch: () or (B,) runs the step whole, (B0, B1) as two
+    # interleaved micro-batches, seqs[:B0] and seqs[B0:] (``workers/overlap.py``).
+    micro_batches: tuple[int, ...] = ()
+
+    @property
+    def decode(self) -> bool:
+        """Every sequence feeds exactly one token."""
+        return all(len(s.tokens) == 1 for s in self.seqs)
 
 
 @dataclass

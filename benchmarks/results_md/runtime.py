@@ -51,19 +51,27 @@ def step_overhead_table(results: list[Result]) -> str:
     reference engine of the same run; then the transport floor."""
     data = results[0].data
     rows = data["rows"]
-    engines = []
-    for r in rows:
-        key = (r["engine"], r["ranks"])
-        if key not in engines:
-            engines.append(key)
-    names = {("reference", 0): "reference", ("transformers", 0): "transformers"}
-    header = ["model", "batch"] + [names.get(k, f"{k[0]} {k[1]}r") for k in engines] + ["same tokens",
-                                                                                       "collectives/step"]
+    def key(r: dict) -> tuple:
+        return r["engine"], r["ranks"], r.get("overlap", "")
+
+    engines = list(dict.fromkeys(key(r) for r in rows))
+
+    def name(k: tuple) -> str:
+        if k[0] in ("reference", "transformers"):
+            return k[0]
+        return f"{k[0]} {k[1]}r" + (f" overlap {k[2]}" if k[2] else "")
+
+    def cell(r: dict) -> str:
+        text = f"{r['decode_ms']:.1f}" + ("" if r["engine"] == "reference" else f" ({r['ratio']:.2f}x)")
+        if r.get("overlap") == "auto":  # what share of the decode steps the rule split in two
+            text += f" [{r['two_batch_steps']:.0%} split]"
+        return text
+
+    header = ["model", "batch"] + [name(k) for k in engines] + ["same tokens", "collectives/step"]
     out = []
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
-        mine = {(r["engine"], r["ranks"]): r for r in rows if r["model"] == model and r["batch"] == batch}
-        cells = [f"{mine[k]['decode_ms']:.1f}" + ("" if k == ("reference", 0) else f" ({mine[k]['ratio']:.2f}x)")
-                 if k in mine else "-" for k in engines]
+        mine = {key(r): r for r in rows if r["model"] == model and r["batch"] == batch}
+        cells = [cell(mine[k]) if k in mine else "-" for k in engines]
         runtime = [mine[k] for k in engines if k in mine and k[0] not in ("reference", "transformers")]
         same = "yes" if all(r["same_tokens"] for r in runtime) else "NO"
         calls = "/".join(f"{r['collectives_per_step']:g}" for r in runtime)

@@ -16,6 +16,7 @@ from raymoe.cluster.coordinator import Deployment
 from tests.plans import linear_plan, random_plan
 from tests.tiny_models import save_tiny_model
 from raymoe.workers.engine import Engine
+from raymoe.workers.model.checkpoint import Checkpoint
 from raymoe.workers.model.errors import CheckpointError
 from raymoe.workers.reference import ReferenceEngine
 from raymoe.workers.sampling import SamplingParams
@@ -82,6 +83,25 @@ def test_shared_experts_dense_layers_and_grouped_routing(ray_session, models, fa
     with deployment(models[family], ranks, placement={"policy": "round_robin"}) as dep:
         assert dep.plan.policy == "round_robin"
         lockstep(ref, dep)
+
+
+@pytest.mark.parametrize("family,ranks,replicated", [("mixtral", 1, False), ("mixtral", 3, True),
+                                                     ("deepseek_v3", 2, False)])
+def test_two_micro_batches_equal_reference(ray_session, models, family, ranks, replicated):
+    """``batching.overlap: on``: decode steps of >= 2 sequences run as two interleaved
+    micro-batches (workers/overlap.py), token for token the reference; each MoE layer then
+    has 2 collectives per micro-batch, counted at the call, and the same routing counts."""
+    plan = random_plan(6, 3, 2, seed=4, layers=3) if replicated else None
+    ref = ReferenceEngine.from_pretrained(models[family], max_seqs=4)
+    with deployment(models[family], ranks, plan, batching={"max_seqs": 4, "overlap": "on"}) as dep:
+        lockstep(ref, dep)
+        steps = dep.stats.per_step
+    top_k = Checkpoint(str(models[family])).config.top_k
+    assert {s.micro_batches for s in steps} == {1, 2}  # prefill steps run whole
+    for s in steps:
+        assert {(L.token_collectives, L.metadata_collectives) for L in s.layers} == {(2 * s.micro_batches, 0)}
+        assert all(sum(L.pairs_per_rank) == s.tokens * top_k and sum(L.rows_per_rank) >= s.tokens
+                   for L in s.layers)
 
 
 class RayCalls:

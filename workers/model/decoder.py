@@ -9,7 +9,7 @@ line of the model shared.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Generator, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -29,6 +29,15 @@ class ExpertExecutor(Protocol):
     """Runs the routed experts of one MoE layer: ``x [T, D]`` -> combined ``[T, D]``."""
 
     def __call__(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor: ...
+
+
+class MoERequest(NamedTuple):
+    """What one MoE layer asks of the routed experts (an ExpertExecutor's arguments)."""
+
+    moe_index: int
+    layer: int
+    x: torch.Tensor  # [T, D]
+    routing: Routing
 
 
 RouteObserver = Callable[[int, Routing], None]  # (moe_index, routing): traces, load statistics
@@ -120,6 +129,22 @@ class MoEForCausalLM(nn.Module):
         With ``cache`` the new keys and values are stored and earlier ones attended to;
         without it every sequence must start at position 0.
         """
+        run = self.layer_steps(batch, cache, on_route, all_logits)
+        try:
+            request = next(run)
+            while True:
+                y = self.model.layers[request.layer].mlp.run_experts(request.x, request.routing) \
+                    if experts is None else experts(*request)
+                request = run.send(y)
+        except StopIteration as done:
+            return done.value
+
+    def layer_steps(self, batch: ForwardBatch, cache: KVCache | None = None, on_route: RouteObserver | None = None,
+                    all_logits: bool = False) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+        """The forward pass as a generator: it yields each MoE layer's request
+        ``(moe_index, layer, x [T, D], routing)`` for the routed experts, is sent their
+        combined output ``[T, D]``, and returns the logits (as ``forward``). Engines that
+        interleave two micro-batches (``workers/overlap.py``) drive two of these."""
         h = self.embed(batch.input_ids)  # [T, D]
         moe_index = 0
         for index, layer in enumerate(self.model.layers):
@@ -129,7 +154,7 @@ class MoEForCausalLM(nn.Module):
                 routing = layer.route(x)
                 if on_route is not None:
                     on_route(moe_index, routing)
-                y = layer.mlp.run_experts(x, routing) if experts is None else experts(moe_index, index, x, routing)
+                y = yield MoERequest(moe_index, index, x, routing)
                 h = layer.moe_output(h, x, y)
                 moe_index += 1
             else:
