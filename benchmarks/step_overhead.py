@@ -6,8 +6,8 @@ For each model (the shipped tiny model; a random 16-expert x 1024-wide model) an
 (1, 8, 32 sequences), in one run: the median decode ms per step of the reference engine
 (one process), the runtime disaggregated with 1 and 2 expert ranks, and coherent with 2
 ranks, each as a ratio to the reference (disaggregated with two micro-batches per decode
-step never, always, and as the measured rule decides: ``batching.overlap`` off/on/auto); transformers' decode on the large model; and the
-floor: the reference's own step (the same model code, kernels and 1 torch thread; the
+step never, always, and as the measured rule decides: ``batching.overlap`` off/on/auto);
+transformers' decode on the large model; and the floor: the reference's own step (the same model code, kernels and 1 torch thread; the
 runtime adds processes, pack/unpack and collectives on top), plus what one all-to-all
 costs here on gloo and one dispatch + combine on the same-node transport.
 
