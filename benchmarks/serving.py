@@ -12,12 +12,14 @@ load generator streams ``/v1/completions`` (Server-Sent Events) over loopback an
 each chunk as it arrives. Reported: requests/s, output tokens/s, time to first token and
 inter-token latency (HTTP: between chunks, as vLLM's serving benchmark measures it),
 p50/p99, and the HTTP/direct ratios. Loopback only, bounded in requests and time.
+``batching.max_wait_s`` is turned off (a closed loop waits by design).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -186,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     from raymoe.deploy.settings import settings_from_args
 
     settings = settings_from_args({"config": str(args.config)})
+    # Admission by expected wait is off: this closed loop keeps 32 streams on 16 slots waiting
+    # by design (benchmarks.overload measures admission).
+    c = settings.config
+    settings = dataclasses.replace(settings, config=dataclasses.replace(
+        c, batching=dataclasses.replace(c.batching, max_wait_s=None)))
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     connect(settings.config.ray)
     try:
