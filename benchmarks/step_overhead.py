@@ -7,9 +7,10 @@ For each model (the shipped tiny model; a random 16-expert x 1024-wide model) an
 (one process), the runtime disaggregated with 1 and 2 expert ranks, and coherent with 2
 ranks, each as a ratio to the reference (disaggregated with two micro-batches per decode
 step never, always, and as the measured rule decides: ``batching.overlap`` off/on/auto);
-transformers' decode on the large model; and the floor: the reference's own step (the same model code, kernels and 1 torch thread; the
-runtime adds processes, pack/unpack and collectives on top), plus what one all-to-all
-costs here on gloo and one dispatch + combine on the same-node transport.
+transformers' decode on the large model; and the floor: the reference's own step (the
+same model code, kernels and 1 torch thread; the runtime adds processes, pack/unpack and
+collectives on top), plus what one all-to-all costs here on gloo and one dispatch +
+combine on the same-node transport.
 
 The machine is noisy (the same step varies by up to 2x over minutes), so all engines of a
 model stay up together and decode the same requests in interleaved rounds: each round

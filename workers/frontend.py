@@ -64,7 +64,8 @@ class DispatchingExperts:
 
     def _add(self, moe_index: int, packed: Packed | None, moved) -> None:
         traffic = LayerTraffic.of([], [], moved)
-        self.layers[moe_index] = traffic if moe_index not in self.layers else self.layers[moe_index].followed_by(traffic)
+        earlier = self.layers.get(moe_index)
+        self.layers[moe_index] = traffic if earlier is None else earlier.followed_by(traffic)
         if packed is not None:
             counts = [packed.pairs_per_rank, packed.rows_per_rank]
             if moe_index in self._counts:
