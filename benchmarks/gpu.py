@@ -30,19 +30,17 @@ from raymoe.benchmarks import result_file
 from raymoe.benchmarks.runtime import TINY, random_model
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.reference import ReferenceEngine
-from raymoe.workers.runner import ModelRunner
 from raymoe.workers.sampling import SamplingParams
 from raymoe.workers.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def engine_on(path: Path, dtype: torch.dtype, max_seqs: int, device: str) -> ReferenceEngine:
-    """The reference engine with its model and KV cache on ``device``."""
+def engine_on(path: Path, dtype: torch.dtype, max_seqs: int, device: str, cuda_graphs: bool = False) -> ReferenceEngine:
+    """The reference engine with its model and KV cache on ``device`` (decode steps from
+    CUDA graphs with ``cuda_graphs``)."""
     model = load_model(path, dtype).to(device)
-    engine = ReferenceEngine(model, load_tokenizer(path), max_seqs=max_seqs)
-    engine.runner = ModelRunner(model, max_seqs, device)  # ReferenceEngine builds a CPU runner
-    return engine
+    return ReferenceEngine(model, load_tokenizer(path), max_seqs=max_seqs, cuda_graphs=cuda_graphs)
 
 
 def prompts_for(vocab: int, batch: int, length: int) -> list[list[int]]:
@@ -83,19 +81,19 @@ def compare(got: dict, want: dict) -> dict:
 
 
 def bench_core(models: list[tuple[str, Path]], batches: list[int], dtypes: list[str], prompt_len: int,
-               new_tokens: int) -> list[dict]:
+               new_tokens: int, cuda_graphs: bool = False) -> list[dict]:
     """Decode-step latency of the single-process model on cuda:0 vs the CPU reference."""
     rows = []
     for name, path in models:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for batch in batches:
-                row = {"model": name, "dtype": dtype_name, "batch": batch}
+                row = {"model": name, "dtype": dtype_name, "batch": batch, "cuda_graphs": cuda_graphs}
                 try:
                     cpu = engine_on(path, dtype, batch, "cpu")
                     prompts = prompts_for(cpu.model.config.vocab_size, batch, prompt_len)
                     want = timed_generate(cpu, prompts, new_tokens)
-                    gpu = engine_on(path, dtype, batch, "cuda")
+                    gpu = engine_on(path, dtype, batch, "cuda", cuda_graphs)
                     timed_generate(gpu, prompts[:1], 2)  # warm-up: CUDA context, kernels
                     got = timed_generate(gpu, prompts, new_tokens)
                     row.update({f"gpu_{k}": v for k, v in got.items() if k not in ("outputs", "prefill_logits")})
@@ -122,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="nccl", help="nccl part: gloo runs it on the CPU (a smoke check)")
     parser.add_argument("--no-cudnn-attention", action="store_true",
                         help="core part: keep scaled_dot_product_attention off its cuDNN backend")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="core part: decode steps replay CUDA graphs (workers/model/static_decode.py)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             large = random_model(Path(tmp) / "large", args.large_hidden, args.large_experts, 4, args.large_hidden)
             models.append((f"random-{args.large_experts}x{args.large_hidden}", large))
         if args.part == "core":
-            result = bench_core(models, batches, args.dtypes.split(","), args.prompt_len, args.new_tokens)
+            result = bench_core(models, batches, args.dtypes.split(","), args.prompt_len, args.new_tokens,
+                                args.cuda_graphs)
         elif args.part == "nccl":
             from raymoe.benchmarks.gpu_nccl import bench_nccl
 

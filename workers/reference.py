@@ -32,8 +32,9 @@ class LocalExecutor:
     """The whole model in this process: ``ModelRunner`` with the routed experts run here
     (or by ``experts()``, a fresh ``ExpertExecutor`` per step: the baselines' hook)."""
 
-    def __init__(self, model: MoEForCausalLM, max_seqs: int, experts: Callable[[], ExpertExecutor] | None = None):
-        self.runner = ModelRunner(model, max_seqs)
+    def __init__(self, model: MoEForCausalLM, max_seqs: int, experts: Callable[[], ExpertExecutor] | None = None,
+                 graph_window: int | None = None):
+        self.runner = ModelRunner(model, max_seqs, next(model.parameters()).device, graph_window)
         self.experts = experts
         self.stats = RuntimeStats()
         self.steps: list[tuple[ExpertExecutor | None, float, int]] = []  # (experts, seconds, tokens) per step
@@ -55,17 +56,22 @@ class ReferenceEngine(Engine):
     """Generates with one model on one process.
 
     ``max_seqs`` sequences decode together; more requests wait and join as others finish.
+    ``cuda_graphs``: decode steps replay CUDA graphs captured per batch-size bucket
+    (``workers/model/static_decode.py``; the model must be on a CUDA device; not yet
+    measured on a GPU).
     """
 
     def __init__(self, model: MoEForCausalLM, tokenizer: Tokenizer | None = None, max_seqs: int = 16,
-                 max_seq_len: int | None = None, experts: Callable[[], ExpertExecutor] | None = None):
+                 max_seq_len: int | None = None, experts: Callable[[], ExpertExecutor] | None = None,
+                 cuda_graphs: bool = False):
         config = model.config
         self.model = model
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
         self.eos_token_ids = eos_ids(config.eos_token_ids, tokenizer, config.vocab_size)
         scheduler = Scheduler(max_seqs, self.max_seq_len, self.eos_token_ids,
                               tokenizer.decode if tokenizer else None, config.vocab_size)
-        super().__init__(LocalExecutor(model, max_seqs, experts), scheduler, tokenizer)
+        window = self.max_seq_len if cuda_graphs else None
+        super().__init__(LocalExecutor(model, max_seqs, experts, window), scheduler, tokenizer)
 
     @property
     def runner(self) -> ModelRunner:

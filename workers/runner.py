@@ -12,6 +12,7 @@ from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.static_decode import DecodeGraphs
 from raymoe.workers.overlap import SplitExperts, two_batch_forward
 from raymoe.workers.sampling import sample
 from raymoe.workers.step import StepInput
@@ -19,13 +20,24 @@ from raymoe.workers.trace import TraceRecorder
 
 
 class ModelRunner:
-    """Holds the model and the KV cache (one slot per sequence)."""
+    """Holds the model and the KV cache (one slot per sequence).
 
-    def __init__(self, model: MoEForCausalLM, max_seqs: int, device: torch.device | str = "cpu"):
+    ``graph_window``: replay decode steps from CUDA graphs (``workers/model/static_decode.py``)
+    over a cache of that many positions, reserved up front, plus a slot for padding rows;
+    CUDA only, and only where the routed experts run in this process."""
+
+    def __init__(self, model: MoEForCausalLM, max_seqs: int, device: torch.device | str = "cpu",
+                 graph_window: int | None = None):
         self.model, self.device = model, torch.device(device)
         self.config = model.config
         dtype = next(model.parameters()).dtype
-        self.cache = KVCache(cache_shapes(self.config), max_seqs, dtype, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if graph_window is None:
+            self.cache = KVCache(cache_shapes(self.config), max_seqs, dtype, self.device)
+        else:
+            self.cache = KVCache(cache_shapes(self.config), max_seqs + 1, dtype, self.device,
+                                 initial_capacity=graph_window)
+            self.graphs = DecodeGraphs(model, self.cache, max_seqs)
         self.recorder: TraceRecorder | None = None
 
     def record_trace(self, enabled: bool) -> None:
@@ -38,6 +50,11 @@ class ModelRunner:
         interleaved (``workers/overlap.py``): ``experts`` must then be a ``SplitExperts``."""
         if len(step.micro_batches) == 2:
             return self._run_two(step, experts)
+        if self.graphs is not None and experts is None and self.recorder is None and step.decode:
+            logits = self.graphs.run([s.tokens[0] for s in step.seqs], [s.start for s in step.seqs],
+                                     [s.slot for s in step.seqs]).float().cpu()
+            tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs])
+            return tokens, logits, len(step.seqs)
         batch = self._batch(step.seqs)
         self.cache.reserve(batch.max_len)
         observer = self.recorder.observer if self.recorder else None

@@ -97,7 +97,9 @@ class ExpertStack(nn.Module):
     def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, one grouped GEMM per projection (offsets stay on the device)."""
         order = torch.argsort(expert_ids, stable=True)
-        offsets = torch.bincount(expert_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [E]
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, expert_ids, torch.ones_like(expert_ids))  # [E]; bincount would ask the host for the size on CUDA
+        offsets = counts.cumsum(0).to(torch.int32)
         gate, up = F.grouped_mm(x[order], self.gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         y = F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offsets)  # [N, D], sorted
         return torch.empty_like(x).index_copy_(0, order, y)
