@@ -49,33 +49,36 @@ class ModelRunner:
         and the number of tokens computed. A step with two ``micro_batches`` runs them
         interleaved (``workers/overlap.py``): ``experts`` must then be a ``SplitExperts``."""
         if len(step.micro_batches) == 2:
-            return self._run_two(step, experts)
-        if self.graphs is not None and experts is None and self.recorder is None and step.decode:
+            logits, computed = self._forward_two(step, experts)
+        elif self.graphs is not None and experts is None and self.recorder is None and step.decode:
             logits = self.graphs.run([s.tokens[0] for s in step.seqs], [s.start for s in step.seqs],
-                                     [s.slot for s in step.seqs]).float().cpu()
-            tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs])
-            return tokens, logits, len(step.seqs)
-        batch = self._batch(step.seqs)
-        self.cache.reserve(batch.max_len)
-        observer = self.recorder.observer if self.recorder else None
-        logits = self.model(batch, self.cache, experts=experts, on_route=observer).float().cpu()
-        if self.recorder:
-            self.recorder.end_step([step.seqs[i].seq_id for i in batch.seq_index.tolist()], batch.positions.cpu(),
-                                   [s.generated == 0 for s in step.seqs for _ in s.tokens])
+                                     [s.slot for s in step.seqs])
+            computed = len(step.seqs)
+        else:
+            logits, computed = self._forward(step, experts)
+        logits = logits.float().cpu()
         tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs])
-        return tokens, logits, batch.num_tokens
+        return tokens, logits, computed
 
     def _batch(self, seqs) -> ForwardBatch:
         return ForwardBatch.build([s.tokens for s in seqs], [s.start for s in seqs],
                                   [s.slot for s in seqs]).to(self.device)
 
-    def _run_two(self, step: StepInput, experts: SplitExperts) -> tuple[list[int], torch.Tensor, int]:
+    def _forward(self, step: StepInput, experts: ExpertExecutor | None) -> tuple[torch.Tensor, int]:
+        batch = self._batch(step.seqs)
+        self.cache.reserve(batch.max_len)
+        observer = self.recorder.observer if self.recorder else None
+        logits = self.model(batch, self.cache, experts=experts, on_route=observer)
+        if self.recorder:
+            self.recorder.end_step([step.seqs[i].seq_id for i in batch.seq_index.tolist()], batch.positions.cpu(),
+                                   [s.generated == 0 for s in step.seqs for _ in s.tokens])
+        return logits, batch.num_tokens
+
+    def _forward_two(self, step: StepInput, experts: SplitExperts) -> tuple[torch.Tensor, int]:
         if self.recorder is not None:
             raise ValueError("a routing trace records whole steps: run the step as one micro-batch")
         first = step.micro_batches[0]
         batches = [self._batch(step.seqs[:first]), self._batch(step.seqs[first:])]
         self.cache.reserve(max(b.max_len for b in batches))
         parts = two_batch_forward([self.model.layer_steps(b, self.cache) for b in batches], experts)
-        logits = torch.cat(parts).float().cpu()
-        tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs])
-        return tokens, logits, sum(b.num_tokens for b in batches)
+        return torch.cat(parts), sum(b.num_tokens for b in batches)

@@ -117,10 +117,6 @@ class MoEForCausalLM(nn.Module):
         """The final norm and LM head: ``h [N, D]`` -> ``[N, V]``."""
         return self.lm_head(self.model.norm(h))
 
-    def local_experts(self, moe_index: int, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The default ExpertExecutor: every expert is on this process."""
-        return self.model.layers[layer].mlp.run_experts(x, routing)
-
     def forward(self, batch: ForwardBatch, cache: KVCache | None = None,
                 experts: ExpertExecutor | None = None, on_route: RouteObserver | None = None,
                 all_logits: bool = False) -> torch.Tensor:
