@@ -74,9 +74,10 @@ def _gone(pid: int, timeout_s: float = 30) -> bool:
     return False
 
 
-@pytest.mark.parametrize("victim", [1, 2, 0], ids=["expert-rank-0", "expert-rank-1", "front-end"])
+@pytest.mark.parametrize("victim", [1, 0], ids=["expert-rank-0", "front-end"])
 def test_sigkill_mid_decode_recovers_with_identical_outputs(ray_session, model, expected, victim):
-    """Actor 0 is the front-end (it holds the KV caches), 1.. the expert ranks."""
+    """Actor 0 is the front-end (it holds the KV caches), 1.. the expert ranks (the last
+    one dies inside a step in the next test)."""
     with deployment(model, 2, linear_plan(6, 2, 3)) as dep:
         pids = [pid_of(dep, i) for i in range(len(dep.actors))]
         outputs = decode(dep, lambda d: os.kill(pids[victim], signal.SIGKILL))

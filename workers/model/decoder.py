@@ -87,7 +87,10 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig, with_experts: bool = True):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if weight.device.type != "meta":  # normal_ on meta (load_model, shape checks) imports torch._dynamo: 2 s
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config, i, with_experts) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -36,6 +36,18 @@ def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear
     return layer
 
 
+def _concat(tensors: list[torch.Tensor], sizes: list[int], dim: int = 0) -> torch.Tensor:
+    """``torch.cat(tensors, dim)`` by copies into slices of one new tensor: on the meta
+    device (models built for their shapes) ``torch.cat`` runs a Python reference that
+    imports ``torch._dynamo``, 2 s of CPU in every process that builds a model."""
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(sizes)
+    out = torch.empty(shape, dtype=tensors[0].dtype, device=tensors[0].device)
+    for part, t in zip(out.split(sizes, dim=dim), tensors, strict=True):
+        part.copy_(t)
+    return out
+
+
 class FusedLinear:
     """``x [T, K]`` -> ``[T, sum of N]``, the modules' outputs side by side.
 
@@ -55,8 +67,8 @@ class FusedLinear:
 
     def _fuse(self) -> None:
         with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, loadable in place later
-            self.weight = torch.cat([lin.weight.t() for lin in self.linears], dim=1).t()  # [N, K], K-major
-            self.bias = None if self.linears[0].bias is None else torch.cat([lin.bias for lin in self.linears])
+            self.weight = _concat([lin.weight.t() for lin in self.linears], self.sizes, dim=1).t()  # [N, K], K-major
+            self.bias = None if self.linears[0].bias is None else _concat([lin.bias for lin in self.linears], self.sizes)
             for lin, weight in zip(self.linears, self.weight.split(self.sizes)):
                 lin.weight.data = weight
             for lin, bias in zip(self.linears, self.bias.split(self.sizes) if self.bias is not None else ()):
