@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Ray kills an actor by asking its process to exit and sends SIGKILL only after this long
+# (5 s by default): a SIGSTOPped (hung) actor's bundle stays taken that long, and so its
+# replacement waits. RELIABILITY.md gives the same advice for clusters.
+os.environ.setdefault("RAY_kill_worker_timeout_milliseconds", "500")
 
 import pytest
 

@@ -183,13 +183,14 @@ def test_capacity_check_judges_each_node_the_total_and_strict_pack():
         assert type(back) is ClusterCapacityError and str(back) == str(error) and vars(back) == vars(error)
 
 
-def test_generate_cli_refuses_more_gpus_than_the_cluster_has_in_one_line(tmp_path):
-    """`raymoe generate --config` on its own embedded Ray (no GPU asked of a test machine
-    has 8 per actor): exit 2, one line naming the field, no traceback."""
+def test_generate_cli_refuses_more_gpus_than_the_cluster_has_in_one_line(ray_session, tmp_path):
+    """`raymoe generate --config` joining the test session's Ray through RAY_ADDRESS (no
+    GPU asked of a test machine has 8 per actor): exit 2, one line naming the field, no
+    traceback."""
     config = tmp_path / "deployment.yaml"
     config.write_text(yaml.safe_dump({"model": str(ROOT / "models" / "tiny-moe"), "expert_ranks": 1,
                                       "resources": {"cpus_per_actor": 0.1, "gpus_per_actor": 8}}))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, "-m", "raymoe.deploy.cli", "generate", "--config", str(config), "--prompt", "hi",
                            "--max-new-tokens", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]

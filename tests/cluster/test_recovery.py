@@ -102,46 +102,48 @@ def test_sigkill_during_a_step(ray_session, model, expected):
         assert len(dep.recoveries) == 1 and dep.recoveries[0].replaced == [2]
 
 
-def test_hung_rank_is_detected_by_collective_timeout_and_replaced(ray_session, model, expected):
-    """SIGSTOP: the process lives but never answers. The others' collectives time out
-    (collective_timeout_s), the silent rank is declared hung, killed and replaced."""
-    overrides = {"collective_timeout_s": 3, "recovery": {"settle_s": 5}}
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+
+
+def _kill_quietly(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_hung_ranks_are_detected_by_collective_or_step_timeout_and_replaced(ray_session, model, expected):
+    """SIGSTOP: a process lives but never answers.
+
+    One rank stopped: the others' collectives time out (collective_timeout_s, 3 s), they
+    return their errors, and after settle_s the silent rank is declared hung, killed and
+    replaced. Then, on the same deployment, every actor stopped: no collective can time
+    out (none is waiting), so the step timeout (6 s) declares them all hung; all are
+    replaced and the step replays."""
+    overrides = {"collective_timeout_s": 3, "recovery": {"step_timeout_s": 6, "settle_s": 2}}
     with deployment(model, 2, linear_plan(6, 2, 3), **overrides) as dep:
         pid = pid_of(dep, 1)
         try:
-            outputs = decode(dep, lambda d: os.kill(pid, signal.SIGSTOP))
-            assert outputs == expected
+            assert decode(dep, lambda d: _stop([pid])) == expected
             rec = dep.recoveries[0]
             assert len(dep.recoveries) == 1 and rec.hung == [1] and rec.dead == [] and rec.replaced == [1]
             assert _gone(pid)
             print(f"hung rank (collective timeout 3 s): noticed in {rec.detect_seconds:.2f} s, "
                   f"recovered in {rec.seconds:.2f} s")
         finally:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@pytest.mark.slow
-def test_whole_deployment_silent_is_caught_by_the_step_timeout(ray_session, model, expected):
-    """Every actor stopped: no collective can time out (none is waiting), so the step
-    timeout declares them all hung; all are replaced and the step replays."""
-    overrides = {"collective_timeout_s": 120, "recovery": {"step_timeout_s": 4, "settle_s": 2}}
-    with deployment(model, 2, linear_plan(6, 2, 3), **overrides) as dep:
+            _kill_quietly([pid])
         pids = [pid_of(dep, i) for i in range(len(dep.actors))]
         try:
-            outputs = decode(dep, lambda d: [os.kill(pid, signal.SIGSTOP) for pid in pids])
-            assert outputs == expected
-            rec = dep.recoveries[0]
-            assert len(dep.recoveries) == 1 and rec.hung == [0, 1, 2] and rec.replaced == [0, 1, 2]
-            assert rec.detect_seconds >= 4
+            assert decode(dep, lambda d: _stop(pids)) == expected
+            rec = dep.recoveries[1]
+            assert len(dep.recoveries) == 2 and rec.hung == [0, 1, 2] and rec.replaced == [0, 1, 2]
+            assert rec.detect_seconds >= 6
         finally:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_quietly(pids)
 
 
 def test_coherent_rank_death_recovers(ray_session, model, expected):

@@ -59,9 +59,9 @@ def lockstep(ref: Engine, dep: Engine, prompts=PROMPTS, late=LATE, params=GREEDY
     return steps
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_mixtral_equals_reference_for_any_rank_count(ray_session, models, ranks):
-    """6 experts: 4 ranks do not divide them (2/2/1/1 slots)."""
+    """6 experts: 4 ranks do not divide them (2/2/1/1 slots). 3 ranks: the counting test below."""
     ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
     with deployment(models["mixtral"], ranks, linear_plan(6, ranks, 3)) as dep:
         assert lockstep(ref, dep) > 10
@@ -124,13 +124,14 @@ def test_counts_collectives_bytes_and_no_ray_call_per_step(ray_session, models, 
     """2 token-carrying all-to-alls per MoE layer per step and no metadata exchange (fixed
     capacity: C = T rows to every expert rank), no Ray call on the step path (one channel
     message per actor instead), and routing counts equal to what the recorded routing
-    implies."""
+    implies; every step in lockstep with the reference (3 ranks, 2 experts each)."""
     ranks = 3
     plan = linear_plan(6, ranks, 3)
+    ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
     with deployment(models["mixtral"], ranks, plan) as dep:
         dep.record_trace()
         ray_calls = RayCalls(monkeypatch)
-        dep.generate_ids(PROMPTS, GREEDY)
+        assert lockstep(ref, dep) > 10
         assert ray_calls.count == 0
         trace_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"raymoe-trace-{os.getpid()}.npz")
         tokens = dep.save_trace(trace_path)

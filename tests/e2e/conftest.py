@@ -3,12 +3,15 @@ raymoe application deployed from its real builder, reached by real clients over 
 The fixtures live as long as this package's tests (Serve is shut down after them).
 
 Two applications share one Serve instance (one HTTP port, one gRPC port), each owning its
-own raymoe deployment (front-end + 2 expert ranks) of a tiny Mixtral with a character
-tokenizer and a chat template:
+own raymoe deployment of a tiny Mixtral with a character tokenizer and a chat template:
 
-- ``server``: route ``/``, no API key, 16 KV slots, a deep queue (the main suite);
-- ``guarded_server``: route ``/guarded``, an API key, 2 KV slots and a queue of 2, so a
+- ``server``: route ``/``, front-end + 2 expert ranks, no API key, 16 KV slots, a deep
+  queue (the main suite);
+- ``guarded_server``: route ``/guarded``, 1 expert rank, an API key, 2 KV slots and a queue of 2, so a
   few requests fill it (429s, client disconnects, auth).
+
+The fault tests share a third, ``fault_server`` (``/faults``, 1 expert rank), which each
+leaves serving again except the drain, its last user.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {%
 MODEL_NAME = "tiny-chat"
 GUARDED_KEY = "test-key-0123456789"
 CONTEXT = 128  # batching.max_seq_len of both apps (the model allows 256)
+FAULT_APP = "faults"  # the application the fault tests share (fault_server)
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,12 @@ def serve_instance(ray_session):
 
 
 def _deploy(tmp_path_factory, serve_instance, model_dir: Path, app: str, prefix: str, batching: dict,
-            api_key: str | None) -> Server:
+            api_key: str | None, expert_ranks: int = 2) -> Server:
     from ray import serve
 
     from raymoe.deploy.server import build_app
 
-    config = {"model": str(model_dir), "expert_ranks": 2, "resources": {"cpus_per_actor": 0.1},
+    config = {"model": str(model_dir), "expert_ranks": expert_ranks, "resources": {"cpus_per_actor": 0.1},
               "batching": {"max_seq_len": CONTEXT, **batching}}
     path = tmp_path_factory.mktemp(app) / "deployment.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -112,7 +116,21 @@ def server(tmp_path_factory, serve_instance, chat_model) -> Server:
 @pytest.fixture(scope="package")
 def guarded_server(tmp_path_factory, serve_instance, chat_model) -> Server:
     return _deploy(tmp_path_factory, serve_instance, chat_model, "guarded", "/guarded",
-                   {"max_seqs": 2, "max_queue": 2}, GUARDED_KEY)
+                   {"max_seqs": 2, "max_queue": 2}, GUARDED_KEY, expert_ranks=1)
+
+
+@pytest.fixture(scope="package")
+def fault_server(tmp_path_factory, serve_instance, chat_model) -> Server:
+    """Application ``faults`` at ``/faults`` (1 expert rank), for the tests that break or
+    stop a served deployment, in this order: an expert rank killed (test_actor_death), the
+    replica killed (test_replica_death: Serve builds a new one), then the drain
+    (test_shutdown), which leaves it refusing requests: it is the last to use it."""
+    from tests.e2e.own_apps import delete_app, deploy_own_app
+
+    server = deploy_own_app(tmp_path_factory.mktemp("faults"), serve_instance, chat_model, FAULT_APP,
+                            {"max_seqs": 16, "max_queue": 16, "max_seq_len": 256})
+    yield server
+    delete_app(FAULT_APP)
 
 
 @pytest.fixture(scope="package")

@@ -1,7 +1,8 @@
 """An expert rank of a served deployment is SIGKILLed while 16 streams decode: the engine
 recovers inside the step (new actor, new process group, replay from the committed
 tokens), every stream completes with exactly the text it gets alone, and /metrics counts
-the recovery. Its own application (``/adeath``), so the shared servers are untouched."""
+the recovery. On the fault tests' application (``fault_server``), so the main servers
+are untouched."""
 
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import alone, metric, metric_samples
-from tests.e2e.own_apps import delete_app, deploy_own_app
+from tests.e2e.conftest import FAULT_APP, alone, metric, metric_samples
 
-APP = "adeath"
 PROMPTS = [f"class C{i}:\n    def m(self):" for i in range(16)]
 NEW_TOKENS = 48
 
@@ -41,7 +40,7 @@ async def _decode_and_kill(server) -> list[str]:
                                               stream=True, extra_body={"ignore_eos": True}) for p in PROMPTS]
         iters = [s.__aiter__() for s in streams]
         texts = [(await it.__anext__()).choices[0].text for it in iters]  # all 16 are decoding
-        os.kill(expert_worker_pid(APP), signal.SIGKILL)
+        os.kill(expert_worker_pid(FAULT_APP), signal.SIGKILL)
 
         async def rest(i: int) -> None:
             async for chunk in iters[i]:
@@ -52,16 +51,13 @@ async def _decode_and_kill(server) -> list[str]:
 
 
 @pytest.mark.slow
-def test_expert_rank_killed_while_16_streams_decode(serve_instance, chat_model, reference, tmp_path):
-    server = deploy_own_app(tmp_path, serve_instance, chat_model, APP, {"max_seqs": 16, "max_seq_len": 128})
-    try:
-        texts = asyncio.run(_decode_and_kill(server))
-        for prompt, text in zip(PROMPTS, texts):
-            assert text == alone(reference, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True).text, prompt
-        samples = metric_samples(httpx.get(f"{server.base_url}/metrics", timeout=30).text)
-        assert metric(samples, "raymoe_recoveries_total") == 1
-        assert metric(samples, "raymoe_recovery_seconds_count") == 1
-        health = httpx.get(f"{server.base_url}/health", timeout=30)
-        assert health.status_code == 200 and health.json()["alive"] == health.json()["actors"] == 2
-    finally:
-        delete_app(APP)
+def test_expert_rank_killed_while_16_streams_decode(fault_server, reference):
+    server = fault_server
+    texts = asyncio.run(_decode_and_kill(server))
+    for prompt, text in zip(PROMPTS, texts):
+        assert text == alone(reference, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True).text, prompt
+    samples = metric_samples(httpx.get(f"{server.base_url}/metrics", timeout=30).text)
+    assert metric(samples, "raymoe_recoveries_total") == 1
+    assert metric(samples, "raymoe_recovery_seconds_count") == 1
+    health = httpx.get(f"{server.base_url}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["alive"] == health.json()["actors"] == 2

@@ -105,7 +105,7 @@ def test_engine_loop_judges_a_submission_by_its_first_choice(chat_model):
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory, serve_instance, chat_model):
     return _deploy(tmp_path_factory, serve_instance, chat_model, "overload", "/overload",
-                   {"max_seqs": 2, "max_queue": 4, "max_wait_s": 0.5}, None)
+                   {"max_seqs": 2, "max_queue": 4, "max_wait_s": 0.5}, None, expert_ranks=1)
 
 
 def _body(server, i: int) -> dict:

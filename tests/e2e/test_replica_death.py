@@ -4,7 +4,8 @@ at worst, within a bound (none hangs); Serve starts a new replica, which builds 
 deployment, and new requests succeed again. The time from the kill to the first success
 is printed (``[replica-death]``).
 
-Its own application (``/rdeath``), so the shared servers are not disturbed."""
+On the fault tests' application (``fault_server``, after test_actor_death), so the main
+servers are not disturbed."""
 
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ import pytest
 
 from raymoe.deploy.grpc_stubs import RaymoeServiceStub
 from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
-from tests.e2e.own_apps import delete_app, deploy_own_app
+from tests.e2e.conftest import FAULT_APP as APP
 
-APP = "rdeath"
 ANSWER_BOUND_S = 30  # every in-flight client has its answer this long after the kill
 RECOVERY_BOUND_S = 240  # a new replica serves within this (a fresh deployment on 2 busy cores)
 LONG = {"prompt": "def f(x):", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
@@ -94,23 +94,15 @@ def _grpc_stream(target: str, out: Outcome, started: threading.Event) -> None:
     out.answered_at = time.monotonic()
 
 
-@pytest.fixture(scope="module")
-def rdeath(tmp_path_factory, serve_instance, chat_model):
-    server = deploy_own_app(tmp_path_factory.mktemp(APP), serve_instance, chat_model, APP,
-                            {"max_seqs": 8, "max_queue": 16, "max_seq_len": 256})
-    yield server
-    delete_app(APP)
-
-
 @pytest.mark.slow
-def test_replica_sigkill_answers_every_client_and_serve_recovers(rdeath):
-    url = rdeath.openai_base
+def test_replica_sigkill_answers_every_client_and_serve_recovers(fault_server):
+    url = fault_server.openai_base
     name, pid = replica_pid(APP)
     outcomes, threads, streaming = [], [], []
     for kind in ("http-stream", "http-stream", "grpc-stream", "http", "http"):
         out, started = Outcome(kind), threading.Event()
         target, args = {"http-stream": (_http_stream, (url, out, started)),
-                        "grpc-stream": (_grpc_stream, (rdeath.grpc_target, out, started)),
+                        "grpc-stream": (_grpc_stream, (fault_server.grpc_target, out, started)),
                         "http": (_http_unary, (url, out))}[kind]
         threads.append(threading.Thread(target=target, args=args, daemon=True))
         outcomes.append(out)
@@ -149,5 +141,5 @@ def test_replica_sigkill_answers_every_client_and_serve_recovers(rdeath):
     assert recovered is not None, f"no success within {RECOVERY_BOUND_S}s: {seen}"
     _, new_pid = replica_pid(APP)
     assert new_pid != pid
-    health = httpx.get(f"{rdeath.base_url}/health", timeout=30)
+    health = httpx.get(f"{fault_server.base_url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["alive"] == health.json()["actors"], health.text

@@ -29,8 +29,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.e2e.conftest import free_port
-from tests.e2e.own_apps import delete_app, deploy_own_app
+from tests.e2e.conftest import FAULT_APP, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-shutdown-test-5b9e1c0d7a"
@@ -208,18 +207,12 @@ def test_api_key_is_in_none_of_its_output_or_ray_logs(serve_process):
 
 # -- the drain, in the test session's Serve ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def drain_server(tmp_path_factory, serve_instance, chat_model):
-    server = deploy_own_app(tmp_path_factory.mktemp("drain"), serve_instance, chat_model, "drain",
-                            {"max_seqs": 4, "max_queue": 8, "max_seq_len": 256})
-    yield server
-    delete_app("drain")
-
-
-def test_draining_refuses_new_requests_and_the_drain_deadline_fails_the_rest(drain_server):
+def test_draining_refuses_new_requests_and_the_drain_deadline_fails_the_rest(fault_server):
+    """The fault tests' application, as its last user (it refuses requests afterwards)."""
     from ray import serve
 
-    handle = serve.get_app_handle("drain")
+    drain_server = fault_server
+    handle = serve.get_app_handle(FAULT_APP)
     client = openai.OpenAI(base_url=drain_server.openai_base, api_key="unused", max_retries=0, timeout=60)
     started, errors = threading.Event(), []
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.forked import CONTEXT, start_processes
 from tests.plans import random_plan
 from raymoe.workers.dispatch.disaggregated import pack, run_experts, unpack
 from raymoe.workers.dispatch.wire import decode_rows, encode_rows
@@ -160,11 +160,9 @@ def _gloo_worker(rank: int, world: int, port: int, seed: int, results):
 def test_round_trip_over_real_gloo_collectives():
     from raymoe.workers.process_group import free_port
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    results = CONTEXT.Queue()
     world = 4
-    mp.start_processes(_gloo_worker, args=(world, free_port("127.0.0.1"), 5, results), nprocs=world,
-                       start_method="spawn")
+    start_processes(_gloo_worker, (world, free_port("127.0.0.1"), 5, results), world)
     got = [results.get(timeout=5) for _ in range(3 + world)]
     assert sorted(g for g in got if g[0] != "tally") == [(0, True, 0), (1, True, 0), (9, True, 0)]
     tallies = sorted(g[1:] for g in got if g[0] == "tally")
@@ -199,7 +197,6 @@ def _symmetric_worker(rank: int, world: int, port: int, results):
 def test_symmetric_round_trip_of_the_gpu_benchmark_on_gloo():
     from raymoe.workers.process_group import free_port
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.start_processes(_symmetric_worker, args=(2, free_port("127.0.0.1"), results), nprocs=2, start_method="spawn")
+    results = CONTEXT.Queue()
+    start_processes(_symmetric_worker, (2, free_port("127.0.0.1"), results), 2)
     assert sorted(results.get(timeout=10) for _ in range(2)) == [(0, True), (1, True)]

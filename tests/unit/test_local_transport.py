@@ -9,7 +9,8 @@ import signal
 import time
 
 import torch
-import torch.multiprocessing as mp
+
+from tests.forked import CONTEXT, start_processes
 
 from raymoe.workers.process_group import free_port
 
@@ -58,9 +59,8 @@ def _compare_worker(rank: int, port: int, results) -> None:
 
 
 def test_local_transport_equals_gloo():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.start_processes(_compare_worker, args=(free_port("127.0.0.1"), results), nprocs=WORLD, start_method="spawn")
+    results = CONTEXT.Queue()
+    start_processes(_compare_worker, (free_port("127.0.0.1"), results), WORLD)
     got = sorted(results.get(timeout=30) for _ in range(WORLD))
     assert got == [(r, [True] * 6, True, True, True) for r in range(WORLD)]
 
@@ -89,10 +89,8 @@ def _failure_worker(rank: int, port: int, results) -> None:
 
 
 def test_a_dead_peer_fails_every_rank_at_once():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = mp.start_processes(_failure_worker, args=(free_port("127.0.0.1"), results), nprocs=WORLD,
-                               start_method="spawn", join=False)
+    results = CONTEXT.Queue()
+    procs = start_processes(_failure_worker, (free_port("127.0.0.1"), results), WORLD, join=False)
     got = sorted(results.get(timeout=60) for _ in range(WORLD - 1))
     for p in procs.processes:
         p.join(timeout=30)
@@ -119,8 +117,7 @@ def _silent_worker(rank: int, port: int, results) -> None:
 
 
 def test_a_silent_peer_times_out():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.start_processes(_silent_worker, args=(free_port("127.0.0.1"), results), nprocs=2, start_method="spawn")
+    results = CONTEXT.Queue()
+    start_processes(_silent_worker, (free_port("127.0.0.1"), results), 2)
     got = sorted(results.get(timeout=30) for _ in range(2))
     assert got == [(0, "TimeoutError", True), (1, "slept", True)]

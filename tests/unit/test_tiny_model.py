@@ -141,3 +141,19 @@ def test_tokenizer_round_trips_python_source():
     assert tok.vocab_size == config["vocab_size"]
     assert len(ids) < len(SNIPPET) / 2  # BPE merges, not bytes
     assert tok.decode(ids) == SNIPPET
+
+
+def test_loading_and_shape_checks_leave_torch_dynamo_unimported():
+    """A process that loads a model (every actor, replica and CLI does) builds it on the
+    meta device; some meta ops (``normal_``, ``cat``) run Python references that import
+    ``torch._dynamo``, about 2 s of CPU per process. None of them may run."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom raymoe.workers.model.checkpoint import Checkpoint, load_model\n"
+            f"Checkpoint({str(TINY)!r}).check_shapes()\nload_model({str(TINY)!r})\n"
+            f"load_model({str(TINY)!r}, with_experts=False)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
