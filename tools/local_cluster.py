@@ -124,16 +124,34 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         try:
             self._start_node("head", "127.0.0.1", self.head_cpus, {}, head=True)
-            for n in range(self.workers):
-                self._start_node(f"node{n}", f"127.0.0.{n + 2}", self.cpus, {NODE_LABEL: str(n)}, head=False)
-            self._wait_until_joined()
+            for n in range(self.workers):  # one at a time: raylets starting together on 2 busy cores can miss
+                self._start_worker(n)      # Ray's fixed 30 s registration deadline
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_node(self, name: str, ip: str, cpus: float, labels: dict, head: bool) -> None:
-        temp_dir = self.temp_root / name
+    def _start_worker(self, n: int, attempts: int = 2) -> None:
+        """Start worker node ``n`` and wait until it has joined; a ``ray start`` that exits
+        before joining (its raylet missed the registration deadline) is tried once more."""
+        for attempt in range(attempts):
+            self._start_node(f"node{n}", f"127.0.0.{n + 2}", self.cpus, {NODE_LABEL: str(n)}, head=False,
+                             suffix=f"-{attempt}" if attempt else "")
+            try:
+                self._wait_until_joined()
+                return
+            except LocalClusterError as exc:
+                node = self.nodes[-1]
+                if attempt + 1 == attempts or node.process.poll() is None or exc.node != node.name:
+                    raise
+                try:
+                    os.killpg(node.process.pid, signal.SIGKILL)  # a raylet it may have left behind
+                except ProcessLookupError:
+                    pass
+                self.nodes.pop()
+
+    def _start_node(self, name: str, ip: str, cpus: float, labels: dict, head: bool, suffix: str = "") -> None:
+        temp_dir = self.temp_root / (name + suffix)
         temp_dir.mkdir()
         manager, objects, metrics, agent, agent_grpc, runtime_env = free_ports(6, ip)
         args = [self.ray_bin, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}",
@@ -153,7 +171,7 @@ class LocalCluster:
                 args += ["--include-dashboard=false"]
         else:
             args += [f"--address={self.address}"]
-        log = self.temp_root / f"{name}.log"
+        log = self.temp_root / f"{name}{suffix}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=self._node_env(), start_new_session=True)
