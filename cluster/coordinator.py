@@ -68,7 +68,7 @@ class Deployment(Engine):
         tokenizer = load_tokenizer(config.model)
         b = config.batching
         scheduler = Scheduler(b.max_seqs, b.max_seq_len, eos_ids(model.eos_token_ids, tokenizer, model.vocab_size),
-                              tokenizer.decode if tokenizer else None, model.vocab_size)
+                              tokenizer, model.vocab_size)
         super().__init__(RayExecutor(config, plan, DTYPES[config.dtype]), scheduler, tokenizer, b.max_queue)
         connect(config.ray)
         try:

@@ -210,7 +210,7 @@ class ModelService:
     async def _pieces(self, index: int, stream: RequestStream, stop: tuple[str, ...]) -> AsyncIterator[Piece]:
         """Text pieces of one request. Tokens that arrived together are sent together."""
         tokenizer = self.encoder.tokenizer
-        text = TextStream(tokenizer.decode if tokenizer else None, stop)
+        text = TextStream(tokenizer.incremental().push if tokenizer else None, stop)
         events = aiter(stream)
         while True:
             event = await self._next_event(stream, events)

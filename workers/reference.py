@@ -69,7 +69,7 @@ class ReferenceEngine(Engine):
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
         self.eos_token_ids = eos_ids(config.eos_token_ids, tokenizer, config.vocab_size)
         scheduler = Scheduler(max_seqs, self.max_seq_len, self.eos_token_ids,
-                              tokenizer.decode if tokenizer else None, config.vocab_size)
+                              tokenizer, config.vocab_size)
         window = self.max_seq_len if cuda_graphs else None
         super().__init__(LocalExecutor(model, max_seqs, experts, window), scheduler, tokenizer)
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from raymoe.workers.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from raymoe.workers.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class RequestError(ValueError):
@@ -37,6 +40,10 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # Stop strings: the output decoded a token at a time, and its last characters that
+    # a stop string ending in the next token's text could start in.
+    decoder: "IncrementalDecoder | None" = None
+    stop_tail: str = ""
 
     @property
     def all_ids(self) -> list[int]:
@@ -52,10 +59,12 @@ class Scheduler:
     """Admits up to ``max_seqs`` sequences (one KV slot each), up to ``max_seq_len`` tokens each."""
 
     def __init__(self, max_seqs: int, max_seq_len: int, eos_token_ids: tuple[int, ...] = (),
-                 detokenize: Callable[[list[int]], str] | None = None, vocab_size: int | None = None):
+                 tokenizer: "Tokenizer | None" = None, vocab_size: int | None = None):
+        """``tokenizer``: decodes the outputs of requests with stop strings (None: such
+        requests are refused)."""
         self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
         self.eos_token_ids = set(eos_token_ids)
-        self.detokenize, self.vocab_size = detokenize, vocab_size
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_seqs - 1, -1, -1))
@@ -69,7 +78,7 @@ class Scheduler:
             raise RequestError("prompt", bad, f"token ids in [0, {self.vocab_size})")
         if len(prompt) + 1 > self.max_seq_len:
             raise RequestError("prompt", f"{len(prompt)} tokens", f"at most {self.max_seq_len - 1} tokens")
-        if request.params.stop and self.detokenize is None:
+        if request.params.stop and self.tokenizer is None:
             raise RequestError("stop", request.params.stop, "no stop strings: the model has no tokenizer")
         self.waiting.append(request)
 
@@ -80,7 +89,8 @@ class Scheduler:
         """Admit waiting requests into free slots; return every running sequence."""
         while self.waiting and self.free_slots:
             request = self.waiting.popleft()
-            self.running.append(Sequence(request, self.free_slots.pop()))
+            decoder = self.tokenizer.incremental() if request.params.stop else None
+            self.running.append(Sequence(request, self.free_slots.pop(), decoder=decoder))
         return list(self.running)
 
     def commit(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
@@ -128,8 +138,21 @@ class Scheduler:
         p = seq.request.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
-        if p.stop and any(s in self.detokenize(seq.output_ids) for s in p.stop):
+        if p.stop and _stop_string_ends_here(seq, token, p.stop):
             return "stop"
         if len(seq.output_ids) >= p.max_new_tokens or len(seq.all_ids) >= self.max_seq_len:
             return "length"
         return None
+
+
+def _stop_string_ends_here(seq: Sequence, token: int, stops: tuple[str, ...]) -> bool:
+    """Does the output's text, now that ``token`` joined it, hold a stop string? The text
+    before held none, so a stop string found now ends in this token's text (or in the
+    characters the decoder still holds) and starts at most ``len(stop) - 1`` characters
+    before it: ``stop_tail`` keeps that many, and the search costs the same at every token."""
+    window = seq.stop_tail + seq.decoder.push(token)
+    if any(stop in window + seq.decoder.held() for stop in stops):
+        return True
+    keep = max(map(len, stops)) - 1
+    seq.stop_tail = window[-keep:] if keep else ""
+    return False

@@ -1,4 +1,7 @@
-"""The checkpoint's tokenizer (``tokenizer.json``, via the ``tokenizers`` library)."""
+"""The checkpoint's tokenizer (``tokenizer.json``, via the ``tokenizers`` library), and the
+incremental decoding of a growing output (``IncrementalDecoder``: constant work per token,
+where decoding the whole output again at every token costs O(n) per token).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from raymoe.workers.model.errors import CheckpointError
 
@@ -42,6 +46,45 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def incremental(self) -> "IncrementalDecoder":
+        """A decoder for one output that grows a token at a time."""
+        return IncrementalDecoder(self)
+
+
+REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of an incomplete UTF-8 character
+
+
+class IncrementalDecoder:
+    """The text of one output, a token at a time (tokenizers' ``DecodeStream``, which
+    decodes a window of the last few tokens, so each token costs the same however long
+    the output is).
+
+    ``push(token)`` returns the text that token completes: "" while the token ends in
+    the middle of a character (byte-level BPE splits characters across tokens); those
+    tokens' text comes out with a later token's, and ``held()`` shows its complete
+    characters meanwhile. The pieces are a prefix of ``Tokenizer.decode`` of all the
+    tokens, and equal it once the output does not end in the middle of a character
+    (tests/e2e/test_serving_parts.py checks both on random token ids).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []  # tokens since the last piece (their text is not out yet)
+
+    def push(self, token_id: int) -> str:
+        piece = self._stream.step(self._tokenizer._tok, token_id)
+        if not piece:
+            self._held.append(token_id)
+            return ""
+        self._held.clear()
+        return piece
+
+    def held(self) -> str:
+        """The complete characters of the tokens whose text ``push`` has not returned yet
+        (decoded on their own; a few tokens at most)."""
+        return self._tokenizer.decode(self._held).rstrip(REPLACEMENT) if self._held else ""
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

@@ -41,18 +41,74 @@ def test_streamed_pieces_concatenate_to_the_final_text(bpe, text, stop):
     """Byte-level BPE splits characters across tokens; stop strings may straddle tokens."""
     ids = bpe.encode(text)[1:]  # without BOS
     final = finish_text(bpe, _Seq(ids, tuple(stop)))
-    stream = TextStream(bpe.decode, tuple(stop))
+    stream = TextStream(bpe.incremental().push, tuple(stop))
     pieces = [stream.push(t) for t in ids]
     assert all("\ufffd" not in p or "\ufffd" in text for p in pieces)
     assert "".join(pieces) + stream.finish(final) == final
 
 
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, 4095), min_size=1, max_size=40))
+def test_incremental_decoding_is_a_prefix_of_the_whole_decode(bpe, ids):
+    """Any token ids, invalid UTF-8 and special tokens too: after every token the pieces
+    are a prefix of decoding all the tokens so far, and with the held characters they
+    are all of it, but for an incomplete last character."""
+    decoder = bpe.incremental()
+    out = ""
+    for n, token in enumerate(ids, 1):
+        out += decoder.push(token)
+        whole = bpe.decode(ids[:n])
+        assert whole.startswith(out)
+        assert (out + decoder.held()) == whole.rstrip("\ufffd") or whole.endswith("\ufffd")
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(0, 4095), min_size=1, max_size=30),
+       stop=st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=2))
+def test_the_scheduler_stops_at_the_first_token_whose_text_holds_a_stop_string(bpe, ids, stop):
+    """Stop strings are searched in a window of the text decoded a token at a time; it
+    stops at the token where decoding the whole output again would first find one."""
+    from raymoe.workers.scheduler import Request, Scheduler
+
+    def first_stop(tokens):
+        for n in range(1, len(tokens) + 1):
+            text = bpe.decode(tokens[:n])
+            if any(s in text for s in stop):
+                return n
+        return None
+
+    params = SamplingParams(stop=tuple(stop), max_new_tokens=len(ids) + 1, ignore_eos=True)
+    scheduler = Scheduler(1, 1000, (), bpe, 4096)
+    scheduler.add(Request("r", [3], params))
+    stopped = None
+    for n, token in enumerate(ids, 1):
+        (seq,) = scheduler.schedule()
+        if scheduler.commit([seq], [token]):
+            stopped = n
+            break
+    assert stopped == first_stop(ids)
+
+
 def test_stop_string_prefix_is_held_back_until_it_is_decided():
-    stream = TextStream(lambda ids: "".join(chr(i) for i in ids), ("END",))
+    stream = TextStream(chr, ("END",))
     assert [stream.push(ord(c)) for c in "abE"] == ["a", "b", ""]
     assert stream.push(ord("x")) == "Ex"  # not the stop string after all
     assert [stream.push(ord(c)) for c in "EN"] == ["", ""]
     assert stream.finish("abEx") == ""  # the engine cut the text before "END"
+
+
+def test_incremental_text_never_decodes_the_whole_output(bpe, monkeypatch):
+    """A 4,000-token stream with a stop string: the text comes from tokenizers'
+    DecodeStream (a window of a few tokens per step), and the only whole-list decodes
+    left are of the few tokens of an unfinished character."""
+    calls = []
+    real = bpe.decode
+    monkeypatch.setattr(bpe, "decode", lambda ids: calls.append(len(ids)) or real(ids))
+    ids = real.__self__.encode("the quick brown fox jumps over the lazy dog. héllo wörld " * 300)[1:4001]
+    stream = TextStream(bpe.incremental().push, ("never appears",))
+    pieces = [stream.push(t) for t in ids]
+    assert len(ids) == 4000 and "".join(pieces) == real(ids)
+    assert max(calls, default=0) <= 4
 
 
 def test_fallback_chat_template():
