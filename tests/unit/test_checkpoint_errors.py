@@ -126,7 +126,9 @@ def test_sharded_checkpoint_loads_and_missing_shard_named(tmp_path):
 
 
 def test_unsupported_rope_scaling(ckpt):
-    _edit_config(ckpt, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    """Scaled RoPE that changes with the sequence length is refused (the supported
+    types are tested against transformers in test_rope_scaling.py)."""
+    _edit_config(ckpt, rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
     with pytest.raises(UnsupportedModelError, match="rope_type"):
         Checkpoint(ckpt)
 

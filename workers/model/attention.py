@@ -20,7 +20,7 @@ from raymoe.workers.model.config import ModelConfig
 from raymoe.workers.model.kv_cache import KVCache
 from raymoe.workers.model.linear import FusedLinear, linear
 from raymoe.workers.model.norm import RMSNorm
-from raymoe.workers.model.rope import RopeTables, apply_rope, rope_tables
+from raymoe.workers.model.rope import RopeScaling, RopeTables, apply_rope, rope_tables, softmax_scale
 
 
 def cache_shapes(config: ModelConfig) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -46,10 +46,11 @@ def _unpad(batch: ForwardBatch, x: torch.Tensor) -> torch.Tensor:
     return x[:, 0] if batch.decode else x[batch.seq_index, batch.query_index]
 
 
-def _rope(batch: ForwardBatch, dim: int, theta: float, dtype: torch.dtype, interleave: bool = False) -> RopeTables:
+def _rope(batch: ForwardBatch, dim: int, theta: float, dtype: torch.dtype, interleave: bool = False,
+          scaling: RopeScaling | None = None) -> RopeTables:
     """The batch's RoPE tables, computed by the first layer that asks and shared by the rest."""
-    return batch.cached(("rope", dim, theta, dtype, interleave),
-                        lambda: rope_tables(batch.positions, dim, theta, dtype, interleave))
+    return batch.cached(("rope", dim, theta, dtype, interleave, scaling),
+                        lambda: rope_tables(batch.positions, dim, theta, dtype, interleave, scaling))
 
 
 def _mask(batch: ForwardBatch, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -144,7 +145,8 @@ class Attention(nn.Module):
         if c.qk_norm != "none" or c.clip_qkv is not None:
             qkv = self._norm_and_clip(qkv)
         heads = qkv.view(x.shape[0], h + 2 * g, d)
-        qk = apply_rope(heads[:, : h + g], _rope(batch, d, c.rope_theta, x.dtype))  # q and k in one rotation
+        rope = _rope(batch, d, c.rope_theta, x.dtype, scaling=c.rope_scaling)
+        qk = apply_rope(heads[:, : h + g], rope)  # q and k in one rotation
         keys, values, length = _context(batch, qk[:, h:], heads[:, h + g :], cache, self.layer)
         out = _attend(batch, qk[:, :h], keys, values, length, d**-0.5)
         return self.o_proj(out.reshape(x.shape[0], -1))
@@ -179,12 +181,13 @@ class LatentAttention(nn.Module):
         q_nope, q_rot = q.view(-1, c.num_heads, m.qk_head_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], -1)
         latent = self.kv_a_layernorm(latent)  # [T, r]
-        rope = _rope(batch, m.qk_rope_head_dim, c.rope_theta, x.dtype, c.rope_interleave)
+        rope = _rope(batch, m.qk_rope_head_dim, c.rope_theta, x.dtype, c.rope_interleave, c.rope_scaling)
         q_rot = apply_rope(q_rot, rope)
         k_rot = apply_rope(k_rot[:, None, :], rope)[:, 0]  # [T, R]
         latents, rot_keys, length = _context(batch, latent, k_rot, cache, self.layer)  # [B, L, r], [B, L, R]
         kv = self.kv_b_proj(latents).view(*latents.shape[:2], c.num_heads, -1)
         k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], -1)
         keys = torch.cat((k_nope, rot_keys[:, :, None, :].expand(-1, -1, c.num_heads, -1)), -1)
-        out = _attend(batch, torch.cat((q_nope, q_rot), -1), keys, values, length, m.qk_head_dim**-0.5)
+        scale = softmax_scale(m.qk_head_dim, c.rope_scaling)
+        out = _attend(batch, torch.cat((q_nope, q_rot), -1), keys, values, length, scale)
         return self.o_proj(out.reshape(x.shape[0], -1))

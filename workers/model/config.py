@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from raymoe.workers.model.rope import RopeScaling
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -76,6 +78,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_interleave: bool = False  # DeepSeek: rotary pairs are (x0, x1), (x2, x3), ...
+    rope_scaling: RopeScaling | None = None  # long-context frequencies (workers/model/rope.py); None: default
     max_position_embeddings: int = 4096
     attention: Literal["gqa", "mla"] = "gqa"
     mla: MLAConfig | None = None

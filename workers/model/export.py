@@ -12,6 +12,7 @@ not written yet and raises ``UnsupportedModelError``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -47,7 +48,7 @@ def _common_fields(config: ModelConfig) -> dict:
         "head_dim": config.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": config.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": _rope_parameters(config),
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,
@@ -155,3 +156,11 @@ def save_checkpoint(model: MoEForCausalLM, path: str | Path, extra_config: dict 
     (path / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     return path
+
+
+def _rope_parameters(config: ModelConfig) -> dict:
+    """``rope_parameters`` as transformers 5 writes it."""
+    if config.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    fields = {k: v for k, v in dataclasses.asdict(config.rope_scaling).items() if v is not None}
+    return {**fields, "rope_theta": config.rope_theta}

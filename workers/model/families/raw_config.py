@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from raymoe.workers.model.errors import ConfigFieldError, UnsupportedModelError
+from raymoe.workers.model.rope import ROPE_TYPES, RopeScaling
 
 _MISSING = object()
 
@@ -50,19 +51,66 @@ class RawConfig:
             raise ConfigFieldError(self.path, field, value, f"one of {list(choices)}")
         return value
 
+    def _rope_params(self) -> dict:
+        params = self.data.get("rope_parameters") or self.data.get("rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise ConfigFieldError(self.path, "rope_parameters", params, "a JSON object")
+        return params
+
     def rope_theta(self) -> float:
         """``rope_parameters.rope_theta`` (transformers 5) or the older top-level fields."""
-        params = self.data.get("rope_parameters") or self.data.get("rope_scaling") or {}
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise UnsupportedModelError(
-                self.path, "rope_parameters.rope_type", rope_type,
-                "'default' (scaled RoPE such as yarn is not implemented yet)",
-            )
+        params = self._rope_params()
         theta = params.get("rope_theta", self.data.get("rope_theta", 10000.0))
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
             raise ConfigFieldError(self.path, "rope_parameters.rope_theta", theta, "a positive number")
         return float(theta)
+
+    def rope_scaling(self) -> RopeScaling | None:
+        """``rope_parameters`` (or the older ``rope_scaling``) beyond ``rope_theta``: None
+        for default RoPE; linear, llama3 and yarn frequencies; any other type refused."""
+        params = self._rope_params()
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type in ("default", None):
+            return None
+        if rope_type not in ROPE_TYPES:
+            later = " (its frequencies change with the sequence length; not implemented)" \
+                if rope_type in ("dynamic", "longrope") else ""
+            raise UnsupportedModelError(self.path, "rope_parameters.rope_type", rope_type,
+                                        f"one of {list(ROPE_TYPES)}{later}")
+        field = "rope_parameters"
+
+        def number(key: str, default: Any = _MISSING, positive: bool = True) -> Any:
+            value = params.get(key)
+            if value is None:
+                if default is _MISSING:
+                    raise ConfigFieldError(self.path, f"{field}.{key}", None,
+                                           f"a number (rope_type {rope_type!r} needs it)")
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+                raise ConfigFieldError(self.path, f"{field}.{key}", value, "a positive number")
+            return value
+
+        factor = float(number("factor"))
+        original = None
+        if rope_type in ("llama3", "yarn"):
+            original = number("original_max_position_embeddings")
+            if not isinstance(original, int):
+                raise ConfigFieldError(self.path, f"{field}.original_max_position_embeddings", original, "an integer")
+        truncate = params.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ConfigFieldError(self.path, f"{field}.truncate", truncate, "true or false")
+        scaling = RopeScaling(
+            rope_type, factor, original,
+            low_freq_factor=float(number("low_freq_factor", 1.0)),
+            high_freq_factor=float(number("high_freq_factor", 4.0)),
+            beta_fast=float(number("beta_fast", 32.0)), beta_slow=float(number("beta_slow", 1.0)),
+            mscale=number("mscale", None, positive=False), mscale_all_dim=number("mscale_all_dim", None, positive=False),
+            attention_factor=number("attention_factor", None), truncate=truncate,
+        )
+        if rope_type == "llama3" and scaling.low_freq_factor >= scaling.high_freq_factor:
+            raise ConfigFieldError(self.path, f"{field}.high_freq_factor", scaling.high_freq_factor,
+                                   f"a number above low_freq_factor={scaling.low_freq_factor}")
+        return scaling
 
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = self.data.get("eos_token_id")
@@ -100,6 +148,7 @@ class RawConfig:
             head_dim=head_dim,
             rms_norm_eps=self.float("rms_norm_eps", 1e-6),
             rope_theta=self.rope_theta(),
+            rope_scaling=self.rope_scaling(),
             max_position_embeddings=self.int("max_position_embeddings", 4096),
             tie_word_embeddings=self.bool("tie_word_embeddings", False),
             bos_token_id=bos if isinstance(bos, int) else None,
