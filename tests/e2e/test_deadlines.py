@@ -4,14 +4,18 @@ hang: HTTP 504 with an OpenAI error object (``code: deadline_exceeded``), an err
 in a stream, gRPC ``DEADLINE_EXCEEDED``.
 
 The application of this module has a 1-second deadline and a single KV slot, so a long
-generation (240 tokens) runs past the deadline, and a short request that follows can run
-only if the slot was given back."""
+generation runs past the deadline, and a short request that follows can run only if the
+slot was given back. "Long" is 4,000 tokens of a model with a 4,096-token context: about
+16 s here (the stream gets about 250 characters in its 1 s), so the deadline passes on any
+machine within 16x of this one (240 tokens, the old length, once finished in
+0.87 s: inside the deadline)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -23,16 +27,27 @@ from raymoe.deploy.grpc_stubs import RaymoeServiceStub
 from raymoe.deploy.grpc_stubs import raymoe_pb2 as pb
 from tests.e2e.conftest import metric, metric_samples
 from tests.e2e.own_apps import delete_app, deploy_own_app
+from tests.tiny_models import save_char_tokenizer, save_tiny_model
 
 DEADLINE_S = 1.0
-LONG = {"prompt": "def f(x):", "max_tokens": 240, "temperature": 0, "extra_body": {"ignore_eos": True}}
+LONG_TOKENS = 4000
+LONG = {"prompt": "def f(x):", "max_tokens": LONG_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
 BOUND_S = DEADLINE_S + 10  # the error comes within this of the request's start (2-core machine, shared)
 
 
 @pytest.fixture(scope="module")
-def deadline_server(tmp_path_factory, serve_instance, chat_model):
-    server = deploy_own_app(tmp_path_factory.mktemp("deadline"), serve_instance, chat_model, "deadline",
-                            {"max_seqs": 1, "max_queue": 8, "max_seq_len": 256}, request_timeout_s=DEADLINE_S)
+def long_model(tmp_path_factory) -> Path:
+    """The tiny chat model's shape with a 4,096-token context."""
+    path = tmp_path_factory.mktemp("tiny-long")
+    save_tiny_model("mixtral", path, seed=11, max_position_embeddings=4096)
+    save_char_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deadline_server(tmp_path_factory, serve_instance, long_model):
+    server = deploy_own_app(tmp_path_factory.mktemp("deadline"), serve_instance, long_model, "deadline",
+                            {"max_seqs": 1, "max_queue": 8, "max_seq_len": 4096}, request_timeout_s=DEADLINE_S)
     yield server
     delete_app("deadline")
 
@@ -71,7 +86,7 @@ def test_request_past_its_deadline_gets_504_and_frees_its_slot(deadline_server, 
 
 def test_queued_requests_count_their_wait_against_the_deadline(deadline_server):
     """Three long requests on one slot: the first runs, two wait; all get 504 in time."""
-    body = {"model": deadline_server.model, "prompt": LONG["prompt"], "max_tokens": 240, "temperature": 0,
+    body = {"model": deadline_server.model, "prompt": LONG["prompt"], "max_tokens": LONG_TOKENS, "temperature": 0,
             "ignore_eos": True}
 
     def one(http: httpx.Client) -> tuple[int, float]:
@@ -100,7 +115,8 @@ def test_stream_past_its_deadline_ends_with_an_error_event(deadline_server, clie
 
 
 def test_grpc_request_past_its_deadline_gets_deadline_exceeded(deadline_server):
-    request = pb.GenerateRequest(model=deadline_server.model, prompt=LONG["prompt"], max_tokens=240, ignore_eos=True)
+    request = pb.GenerateRequest(model=deadline_server.model, prompt=LONG["prompt"], max_tokens=LONG_TOKENS,
+                                 ignore_eos=True)
     with grpc.insecure_channel(deadline_server.grpc_target) as channel:
         stub = RaymoeServiceStub(channel)
         for name, call in (("Generate", stub.Generate), ("GenerateStream", lambda *a, **k: list(stub.GenerateStream(
