@@ -15,6 +15,7 @@ from raymoe.cluster.config import DeploymentConfig, DeploymentConfigError
 from raymoe.cluster.ray_executor import RayExecutor
 from raymoe.cluster.recovery import Recovery
 from raymoe.workers.engine import Engine
+from raymoe.workers.generation_config import load_generation_config
 from raymoe.workers.model.checkpoint import Checkpoint
 from raymoe.workers.reference import eos_ids
 from raymoe.workers.scheduler import Scheduler
@@ -66,9 +67,10 @@ class Deployment(Engine):
         else:
             check_plan(plan, config.expert_ranks, len(model.moe_layer_ids), model.num_experts)
         tokenizer = load_tokenizer(config.model)
+        self.generation = load_generation_config(config.model)
         b = config.batching
-        scheduler = Scheduler(b.max_seqs, b.max_seq_len, eos_ids(model.eos_token_ids, tokenizer, model.vocab_size),
-                              tokenizer, model.vocab_size)
+        eos = eos_ids(model.eos_token_ids, tokenizer, model.vocab_size, self.generation.eos_token_ids)
+        scheduler = Scheduler(b.max_seqs, b.max_seq_len, eos, tokenizer, model.vocab_size)
         super().__init__(RayExecutor(config, plan, DTYPES[config.dtype]), scheduler, tokenizer, b.max_queue)
         connect(config.ray)
         try:

@@ -1,10 +1,12 @@
 """Chat messages -> prompt text, with the checkpoint's chat template or a documented fallback.
 
-The template is the Jinja2 ``chat_template`` of the checkpoint's ``tokenizer_config.json``
-(a string, or a list of named templates: "default" or the first is used), rendered the
-way transformers renders it: a sandboxed environment, ``trim_blocks``/``lstrip_blocks``,
-``messages``, ``add_generation_prompt=True``, ``bos_token``, ``eos_token`` and a
-``raise_exception`` function.
+The template is the checkpoint's ``chat_template.jinja`` (the file current transformers
+writes, which wins, as in transformers), else the ``chat_template`` of its
+``tokenizer_config.json`` (a string, or a list of named templates: "default" or the first
+is used). It is rendered the way transformers renders it: a sandboxed environment,
+``trim_blocks``/``lstrip_blocks``, ``messages``, ``add_generation_prompt=True``,
+``bos_token``, ``eos_token`` and a ``raise_exception`` function, plus a request's
+``chat_template_kwargs`` (e.g. ``enable_thinking``), which may not replace those names.
 
 A checkpoint without one gets ``FALLBACK_TEMPLATE``: one ``role: content`` line per
 message, then ``assistant:`` for the model to continue (docs/serving.md).
@@ -53,14 +55,21 @@ def checkpoint_template(config: dict) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-class ChatRenderer:
-    """Renders message lists with one compiled template."""
+RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "strftime_now")
 
-    def __init__(self, tokenizer_config: dict | None, tokenizer_adds_bos: bool = False):
+
+class ChatRenderer:
+    """Renders message lists with one compiled template. ``source`` says which:
+    "checkpoint chat_template.jinja", "checkpoint tokenizer_config.json" or "fallback"."""
+
+    def __init__(self, tokenizer_config: dict | None, tokenizer_adds_bos: bool = False,
+                 template_file: str | None = None):
+        """``template_file``: the text of the checkpoint's chat_template.jinja, if any."""
         config = tokenizer_config or {}
         self.strip_bos = tokenizer_adds_bos
-        template = checkpoint_template(config)
-        self.source = "checkpoint" if template else "fallback"
+        template = template_file if template_file else checkpoint_template(config)
+        self.source = ("checkpoint chat_template.jinja" if template_file else
+                       "checkpoint tokenizer_config.json" if template else "fallback")
         self.bos_token, self.eos_token = _special(config, "bos_token"), _special(config, "eos_token")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
@@ -70,11 +79,17 @@ class ChatRenderer:
         except TemplateError as exc:
             raise ChatTemplateError(str(exc), self.source) from None
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], extra: dict | None = None) -> str:
         """Messages (``role``, ``content`` text, optional ``name``) -> prompt text. Where
-        the tokenizer adds BOS itself, the template's own leading BOS text is dropped."""
+        the tokenizer adds BOS itself, the template's own leading BOS text is dropped.
+        ``extra``: more template variables (a request's ``chat_template_kwargs``)."""
+        extra = extra or {}
+        taken = [k for k in extra if k in RESERVED]
+        if taken:
+            raise ChatTemplateError(f"chat_template_kwargs may not set '{taken[0]}' (the server sets {list(RESERVED)})",
+                                    self.source)
         try:
-            text = self.template.render(messages=messages, add_generation_prompt=True,
+            text = self.template.render(**extra, messages=messages, add_generation_prompt=True,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
         except TemplateError as exc:
             raise ChatTemplateError(str(exc), self.source) from None

@@ -31,11 +31,17 @@ class Submission:
     prompt_param: str  # the request field that holds the prompt ("prompt" or "messages")
 
 
-def _limits(req: api.SamplingFields, max_tokens: int | None) -> Limits:
-    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
-    return Limits(max_tokens=max_tokens,
-                  temperature=api.DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-                  top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
+def _limits(req: api.SamplingFields, max_tokens: int | None, defaults: dict) -> Limits:
+    """The request's sampling fields; one it leaves out takes the checkpoint's default
+    (generation_config.json, ``defaults``), else the API's."""
+    if req.top_k is None:
+        top_k = defaults.get("top_k", 0)
+    else:
+        top_k = req.top_k if req.top_k > 0 else 0
+    temperature = req.temperature if req.temperature is not None else defaults.get("temperature",
+                                                                                    api.DEFAULT_TEMPERATURE)
+    return Limits(max_tokens=max_tokens, temperature=temperature,
+                  top_p=req.top_p if req.top_p is not None else defaults.get("top_p", 1.0), top_k=top_k, seed=req.seed,
                   stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos)
 
 
@@ -48,7 +54,8 @@ def _submission(service: ModelService, req: api.SamplingFields, prompts: list[li
                 max_tokens: list[int | None], prompt_param: str) -> Submission:
     params, all_prompts = [], []
     for prompt, tokens in zip(prompts, max_tokens):
-        base = service.encoder.sampling_params(_limits(req, tokens), len(prompt), prompt_param)
+        base = service.encoder.sampling_params(_limits(req, tokens, service.encoder.defaults), len(prompt),
+                                               prompt_param)
         for j in range(req.n):
             seed = None if req.seed is None else (req.seed + j) % 2**63
             params.append(base if j == 0 else replace(base, seed=seed))
@@ -70,7 +77,7 @@ def plan_completion(service: ModelService, req: api.CompletionRequest) -> Submis
 def plan_chat(service: ModelService, req: api.ChatCompletionRequest) -> Submission:
     service.check_model(req.model)
     _refuse_unsupported(req.unsupported_fields())
-    prompt = service.encoder.chat_prompt(req.message_dicts())
+    prompt = service.encoder.chat_prompt(req.message_dicts(), req.chat_template_kwargs)
     return _submission(service, req, [prompt], [req.requested_tokens()], "messages")
 
 

@@ -112,6 +112,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
     tools: list[dict] | None = Field(None, description="not supported: null or []")
     tool_choice: Literal["none", "auto"] | None = Field(None, description="not supported: null, 'none' or 'auto'")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="extension (as in vLLM): more variables for the chat template, e.g. {'enable_thinking': false}")
 
     def unsupported_fields(self) -> list[str]:
         flags = self._common_unsupported() | {

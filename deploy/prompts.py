@@ -48,9 +48,14 @@ def _check_unicode(text: str, param: str) -> None:
 class PromptEncoder:
     """Turns prompts into token ids and checks them against the model."""
 
-    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, context_len: int):
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, context_len: int,
+                 sampling_defaults: dict | None = None):
+        """``sampling_defaults``: the checkpoint's ``temperature`` / ``top_p`` / ``top_k``
+        for requests that leave them out (``GenerationDefaults.sampling()``)."""
         self.tokenizer, self.vocab_size, self.context_len = tokenizer, vocab_size, context_len
-        self.chat = ChatRenderer(tokenizer.config if tokenizer else None, bool(tokenizer and tokenizer.add_bos))
+        self.defaults = dict(sampling_defaults or {})
+        self.chat = ChatRenderer(tokenizer.config if tokenizer else None, bool(tokenizer and tokenizer.add_bos),
+                                 tokenizer.chat_template_file if tokenizer else None)
 
     def text(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
@@ -80,7 +85,7 @@ class PromptEncoder:
             return [self.ids(prompt)]
         return [self.ids(p) for p in prompt]
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_prompt(self, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
         if self.tokenizer is None:
             raise invalid("this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
                           "messages")
@@ -89,9 +94,10 @@ class PromptEncoder:
                 if isinstance(message.get(key), str):
                     _check_unicode(message[key], f"messages.{index}.{key}")
         try:
-            text = self.chat.render(messages)
+            text = self.chat.render(messages, template_kwargs)
         except ChatTemplateError as exc:
-            raise invalid(str(exc), "messages") from None
+            raise invalid(str(exc), "chat_template_kwargs" if "chat_template_kwargs may not" in str(exc)
+                          else "messages") from None
         return self.text(text, "messages")
 
     def check(self, ids: list[int], param: str) -> list[int]:

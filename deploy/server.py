@@ -45,11 +45,15 @@ class RaymoeServer:
         context_len = min(config.batching.max_seq_len, model.max_position_embeddings)
         metrics = ServingMetrics(settings.model_name, model.moe_layer_ids)
         self.loop = EngineLoop(self.engine, metrics, max_wait_s=config.batching.max_wait_s).start()
-        encoder = PromptEncoder(self.engine.tokenizer, model.vocab_size, context_len)
+        generation = self.engine.generation
+        encoder = PromptEncoder(self.engine.tokenizer, model.vocab_size, context_len, generation.sampling())
         self.service = ModelService(settings.model_name, self.loop, encoder, metrics, settings.api_key,
                                     settings.request_timeout_s)
         log.info("raymoe serving %s: %s layout, %d expert ranks, context %d, max_seqs %d", settings.model_name,
                  config.layout, config.expert_ranks, context_len, config.batching.max_seqs)
+        log.info("chat template: %s; sampling defaults: %s; end-of-sequence ids: %s", encoder.chat.source,
+                 f"{generation.sampling()} from {generation.source}" if generation.sampling() else "the API's",
+                 list(self.engine.scheduler.eos_token_ids) or "none")
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.service)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from raymoe.workers.engine import Engine
+from raymoe.workers.generation_config import GenerationDefaults, load_generation_config
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.runner import ModelRunner
@@ -22,9 +23,12 @@ from raymoe.workers.step import StepInput, StepOutput
 from raymoe.workers.tokenizer import Tokenizer, load_tokenizer
 
 
-def eos_ids(model_eos: tuple[int, ...], tokenizer: Tokenizer | None, vocab_size: int) -> tuple[int, ...]:
-    """End-of-sequence ids: config.json's, else the tokenizer's; ids outside the vocabulary dropped."""
+def eos_ids(model_eos: tuple[int, ...], tokenizer: Tokenizer | None, vocab_size: int,
+            generation_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """End-of-sequence ids: config.json's, else the tokenizer's, then generation_config.json's
+    (``workers/generation_config.py``); ids outside the vocabulary dropped."""
     eos = model_eos or ((tokenizer.eos_token_id,) if tokenizer and tokenizer.eos_token_id is not None else ())
+    eos = tuple(dict.fromkeys(eos + tuple(generation_eos)))
     return tuple(i for i in eos if i < vocab_size)
 
 
@@ -63,11 +67,13 @@ class ReferenceEngine(Engine):
 
     def __init__(self, model: MoEForCausalLM, tokenizer: Tokenizer | None = None, max_seqs: int = 16,
                  max_seq_len: int | None = None, experts: Callable[[], ExpertExecutor] | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, generation: GenerationDefaults | None = None):
         config = model.config
         self.model = model
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
-        self.eos_token_ids = eos_ids(config.eos_token_ids, tokenizer, config.vocab_size)
+        self.generation = generation or GenerationDefaults()
+        self.eos_token_ids = eos_ids(config.eos_token_ids, tokenizer, config.vocab_size,
+                                     self.generation.eos_token_ids)
         scheduler = Scheduler(max_seqs, self.max_seq_len, self.eos_token_ids,
                               tokenizer, config.vocab_size)
         window = self.max_seq_len if cuda_graphs else None
@@ -84,6 +90,7 @@ class ReferenceEngine(Engine):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, moge_groups: int | None = None,
                         **kwargs) -> "ReferenceEngine":
+        kwargs.setdefault("generation", load_generation_config(path))
         return cls(load_model(path, dtype, moge_groups), load_tokenizer(path), **kwargs)
 
     @property

@@ -24,6 +24,8 @@ class Tokenizer:
             raise CheckpointError(file, f"cannot be loaded as a tokenizer ({exc})", "restore tokenizer.json") from None
         config_file = path / "tokenizer_config.json"
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        template_file = path / "chat_template.jinja"  # transformers writes the chat template here now
+        self.chat_template_file = template_file.read_text() if template_file.is_file() else None
         self.add_bos = bool(self.config.get("add_bos_token", False))
         self.bos_token_id = self._special_id("bos_token")
         self.eos_token_id = self._special_id("eos_token")

@@ -55,6 +55,22 @@ def test_chat_renders_the_checkpoint_template(client, server, reference):
     assert out.usage.completion_tokens == len(want.output_ids)
 
 
+def test_chat_template_kwargs_are_accepted_and_may_not_replace_the_servers_names(client, server):
+    """The served template ignores unknown variables (same text, same prompt tokens: the
+    unit tests render one that uses them);
+    one that would replace ``messages`` is a 400 naming chat_template_kwargs."""
+    messages = [{"role": "user", "content": "hello"}]
+    plain = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8, temperature=0)
+    extra = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert extra.choices[0].message.content == plain.choices[0].message.content
+    assert extra.usage.prompt_tokens == plain.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model, messages=messages, max_tokens=8,
+                                       extra_body={"chat_template_kwargs": {"messages": []}})
+    assert info.value.body["param"] == "chat_template_kwargs" and "messages" in info.value.body["message"]
+
+
 def test_streamed_completion_concatenates_to_the_greedy_text(client, server):
     whole = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=30, temperature=0)
     stream = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=30, temperature=0,
