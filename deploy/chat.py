@@ -63,13 +63,17 @@ class ChatRenderer:
     "checkpoint chat_template.jinja", "checkpoint tokenizer_config.json" or "fallback"."""
 
     def __init__(self, tokenizer_config: dict | None, tokenizer_adds_bos: bool = False,
-                 template_file: str | None = None):
-        """``template_file``: the text of the checkpoint's chat_template.jinja, if any."""
+                 template_file: str | None = None, override: tuple[str, str] | None = None):
+        """``template_file``: the text of the checkpoint's chat_template.jinja, if any;
+        ``override``: (text, source) of a template that replaces the checkpoint's
+        (``raymoe serve --chat-template``)."""
         config = tokenizer_config or {}
         self.strip_bos = tokenizer_adds_bos
         template = template_file if template_file else checkpoint_template(config)
         self.source = ("checkpoint chat_template.jinja" if template_file else
                        "checkpoint tokenizer_config.json" if template else "fallback")
+        if override is not None:
+            template, self.source = override
         self.bos_token, self.eos_token = _special(config, "bos_token"), _special(config, "eos_token")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception

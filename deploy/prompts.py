@@ -49,13 +49,14 @@ class PromptEncoder:
     """Turns prompts into token ids and checks them against the model."""
 
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, context_len: int,
-                 sampling_defaults: dict | None = None):
+                 sampling_defaults: dict | None = None, chat_template: tuple[str, str] | None = None):
         """``sampling_defaults``: the checkpoint's ``temperature`` / ``top_p`` / ``top_k``
-        for requests that leave them out (``GenerationDefaults.sampling()``)."""
+        for requests that leave them out (``GenerationDefaults.sampling()``);
+        ``chat_template``: (text, source) replacing the checkpoint's template."""
         self.tokenizer, self.vocab_size, self.context_len = tokenizer, vocab_size, context_len
         self.defaults = dict(sampling_defaults or {})
         self.chat = ChatRenderer(tokenizer.config if tokenizer else None, bool(tokenizer and tokenizer.add_bos),
-                                 tokenizer.chat_template_file if tokenizer else None)
+                                 tokenizer.chat_template_file if tokenizer else None, chat_template)
 
     def text(self, text: str, param: str = "prompt") -> list[int]:
         if not text:

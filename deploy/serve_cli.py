@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout-s", type=float, default=300.0,
                         help="deadline of every request, from its arrival; past it the request is aborted and the "
                              "client gets a 504 / DEADLINE_EXCEEDED (default 300)")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template file, or the template itself, replacing the checkpoint's")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM / Ctrl-C, how long the requests in flight may run on before they are "
                              "failed with a 503 (default 30)")
@@ -123,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.workers.model.errors import RaymoeModelError
 
     app_args = {"config": str(args.config), "api_key_env": args.api_key_env,
-                "request_timeout_s": args.request_timeout_s, "drain_timeout_s": args.drain_timeout_s}
+                "request_timeout_s": args.request_timeout_s, "drain_timeout_s": args.drain_timeout_s,
+                **({"chat_template": args.chat_template} if args.chat_template else {})}
     if args.model_name:
         app_args["model_name"] = args.model_name
     try:

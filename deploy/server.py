@@ -46,7 +46,8 @@ class RaymoeServer:
         metrics = ServingMetrics(settings.model_name, model.moe_layer_ids)
         self.loop = EngineLoop(self.engine, metrics, max_wait_s=config.batching.max_wait_s).start()
         generation = self.engine.generation
-        encoder = PromptEncoder(self.engine.tokenizer, model.vocab_size, context_len, generation.sampling())
+        encoder = PromptEncoder(self.engine.tokenizer, model.vocab_size, context_len, generation.sampling(),
+                                settings.chat_template)
         self.service = ModelService(settings.model_name, self.loop, encoder, metrics, settings.api_key,
                                     settings.request_timeout_s)
         log.info("raymoe serving %s: %s layout, %d expert ranks, context %d, max_seqs %d", settings.model_name,

@@ -4,8 +4,10 @@ The Serve application builder's arguments (``ServeArgs``: ``args:`` in a Serve c
 file, or ``raymoe serve``'s flags): the raymoe deployment YAML, the served model name, the
 API key (``api_key``, else the environment variable named by ``api_key_env``, default
 ``RAYMOE_API_KEY``), each request's deadline (``request_timeout_s``) and how long a
-stopping server lets the requests in flight finish (``drain_timeout_s``). Relative paths
-are looked up in the current directory, then in the repository root.
+stopping server lets the requests in flight finish (``drain_timeout_s``), and a chat
+template that replaces the checkpoint's (``chat_template``: a Jinja file, or the template
+text itself, as vLLM's ``--chat-template``). Relative paths are looked up in the current
+directory, then in the repository root.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class ServeArgs(BaseModel):
     request_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     # seconds a stopping server lets the requests in flight finish before failing them (503)
     drain_timeout_s: float = Field(default=30.0, ge=0, le=3_600)
+    # a Jinja chat template file, or the template itself; replaces the checkpoint's
+    chat_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class ServerSettings:
     api_key: str | None = field(default=None, repr=False)
     request_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
+    chat_template: tuple[str, str] | None = None  # (its text, where it came from)
 
 
 def resolve_path(path: str, what: str) -> str:
@@ -78,4 +83,27 @@ def settings_from_args(args: dict) -> ServerSettings:
     config = config.replace(**changes)
     api_key = parsed.api_key or os.environ.get(parsed.api_key_env) or None
     return ServerSettings(config, parsed.model_name or Path(config.model).name, api_key, parsed.request_timeout_s,
-                          parsed.drain_timeout_s)
+                          parsed.drain_timeout_s, _chat_template(parsed.chat_template))
+
+
+def _chat_template(value: str | None) -> tuple[str, str] | None:
+    """``chat_template`` as (text, source): a file's text, or the value itself when it is
+    a template (holds ``{{`` or ``{%``); compiled here, so a broken one fails at start."""
+    if value is None:
+        return None
+    from raymoe.deploy.chat import ChatRenderer, ChatTemplateError
+
+    if "{{" in value or "{%" in value:
+        text, source = value, "--chat-template (inline)"
+    else:
+        path = resolve_path(value, "chat_template")
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ServeArgsError("chat_template", value, f"cannot be read as a text file ({exc})") from None
+        source = f"--chat-template {path}"
+    try:
+        ChatRenderer(None, template_file=text)
+    except ChatTemplateError as exc:
+        raise ServeArgsError("chat_template", value, f"does not compile as a Jinja template ({exc})") from None
+    return text, source

@@ -87,3 +87,28 @@ def test_chat_template_jinja_wins_over_tokenizer_config(tmp_path):
     assert renderer.render([{"role": "user", "content": "hi"}], {"enable_thinking": True}) == "<user>hi<think>"
     with pytest.raises(ChatTemplateError, match="may not set 'messages'"):
         renderer.render([{"role": "user", "content": "hi"}], {"messages": []})
+
+
+def test_chat_template_setting_takes_a_file_or_the_template_and_refuses_a_broken_one(tmp_path, monkeypatch):
+    """``raymoe serve --chat-template`` / the builder's ``chat_template``: read and compiled
+    at the edge; the prompt encoder then renders with it instead of the checkpoint's."""
+    from raymoe.deploy.prompts import PromptEncoder
+    from raymoe.deploy.settings import ServeArgsError, settings_from_args
+
+    base = {"config": "deploy/configs/tiny.yaml"}
+    assert settings_from_args(base).chat_template is None
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.role }}={{ m.content }};{% endfor %}")
+    text, source = settings_from_args({**base, "chat_template": str(tmp_path / "t.jinja")}).chat_template
+    assert source == f"--chat-template {tmp_path / 't.jinja'}" and text.startswith("{% for m")
+    inline = settings_from_args({**base, "chat_template": "<{{ messages[0].content }}>"}).chat_template
+    assert inline == ("<{{ messages[0].content }}>", "--chat-template (inline)")
+    with pytest.raises(ServeArgsError, match="chat_template.*no such file"):
+        settings_from_args({**base, "chat_template": str(tmp_path / "missing.jinja")})
+    with pytest.raises(ServeArgsError, match="chat_template.*does not compile"):
+        settings_from_args({**base, "chat_template": "{% for %}"})
+
+    save_char_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("checkpoint's {{ messages[0].content }}")
+    encoder = PromptEncoder(Tokenizer(tmp_path), 96, 64, chat_template=(text, source))
+    assert encoder.chat.source == source
+    assert encoder.chat.render([{"role": "user", "content": "hi"}]) == "user=hi;"
