@@ -43,7 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve gRPC on this port, on ALL interfaces (Ray Serve's gRPC proxy cannot bind one "
                              "address); default: no gRPC")
     parser.add_argument("--no-grpc", action="store_true", help="serve HTTP only (the default without --grpc-port)")
-    parser.add_argument("--model-name", help="the name clients send as 'model' (default: the model directory's)")
+    parser.add_argument("--model", help="model directory (overrides the config's model; the rest of the config "
+                                        "stays, so `raymoe serve --model DIR` needs no YAML of its own)")
+    parser.add_argument("--expert-ranks", type=int, help="override the config's expert_ranks")
+    parser.add_argument("--layout", choices=["disaggregated", "coherent"], help="override the config's layout")
+    parser.add_argument("--dtype", help="override the config's dtype (float32, bfloat16, float16)")
+    parser.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of the config's")
+    parser.add_argument("--model-name", "--served-model-name", dest="model_name",
+                        help="the name clients send as 'model' (default: the model directory's)")
     parser.add_argument("--api-key-env", default="RAYMOE_API_KEY",
                         help="environment variable holding the API key; unset or empty: no key "
                              "(default RAYMOE_API_KEY)")
@@ -129,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
                 **({"chat_template": args.chat_template} if args.chat_template else {})}
     if args.model_name:
         app_args["model_name"] = args.model_name
+    for name in ("model", "expert_ranks", "layout", "dtype", "address"):
+        if getattr(args, name, None) is not None:
+            app_args[name] = getattr(args, name)
     try:
         settings = settings_from_args(app_args)
         from raymoe.workers.model.checkpoint import Checkpoint  # torch: only once the arguments are good

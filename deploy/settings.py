@@ -46,6 +46,12 @@ class ServeArgs(BaseModel):
     drain_timeout_s: float = Field(default=30.0, ge=0, le=3_600)
     # a Jinja chat template file, or the template itself; replaces the checkpoint's
     chat_template: str | None = None
+    # overrides of the deployment YAML (``raymoe serve --model DIR --expert-ranks 2 ...``)
+    model: str | None = None
+    expert_ranks: int | None = Field(default=None, ge=1)
+    layout: str | None = None
+    dtype: str | None = None
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,13 @@ def settings_from_args(args: dict) -> ServerSettings:
         raise ServeArgsError(name, first.get("input"), f"{first['msg']}; known: {sorted(ServeArgs.model_fields)}") \
             from None
     config = load_config(resolve_path(parsed.config, "config"))
-    changes = {"model": resolve_path(config.model, "config: model")}
+    overrides = {k: getattr(parsed, k) for k in ("expert_ranks", "layout", "dtype") if getattr(parsed, k) is not None}
+    if parsed.address is not None:
+        overrides["ray"] = dataclasses.replace(config.ray, address=parsed.address)
+    if overrides:
+        config = config.replace(**overrides)  # validated again: a bad value names its field
+    changes = {"model": resolve_path(parsed.model, "model") if parsed.model else
+               resolve_path(config.model, "config: model")}
     if config.placement.plan:
         plan = resolve_path(config.placement.plan, "config: plan")
         changes["placement"] = dataclasses.replace(config.placement, plan=plan)

@@ -112,3 +112,35 @@ def test_chat_template_setting_takes_a_file_or_the_template_and_refuses_a_broken
     encoder = PromptEncoder(Tokenizer(tmp_path), 96, 64, chat_template=(text, source))
     assert encoder.chat.source == source
     assert encoder.chat.render([{"role": "user", "content": "hi"}]) == "user=hi;"
+
+
+def test_serve_takes_the_model_and_the_main_choices_without_a_yaml_of_its_own(tmp_path):
+    """``raymoe serve --model DIR --expert-ranks 1 --layout coherent --dtype bfloat16``: the
+    flags become builder arguments that override the default config; a bad one names its field."""
+    import argparse
+
+    from raymoe.cluster.config import DeploymentConfigError
+    from raymoe.deploy import serve_cli
+    from raymoe.deploy.settings import ServeArgsError, settings_from_args
+
+    save_tiny_model("mixtral", tmp_path / "m")
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "m"), "--expert-ranks", "1", "--layout", "coherent",
+                              "--dtype", "bfloat16", "--served-model-name", "mine", "--address", "auto"])
+    assert (args.model, args.expert_ranks, args.layout, args.dtype, args.model_name) == \
+        (str(tmp_path / "m"), 1, "coherent", "bfloat16", "mine")
+    settings = settings_from_args({"config": str(args.config), "model": args.model, "expert_ranks": 1,
+                                   "layout": "coherent", "dtype": "bfloat16", "address": "auto",
+                                   "model_name": args.model_name})
+    c = settings.config
+    assert (c.model, c.expert_ranks, c.layout, c.dtype, c.ray.address) == \
+        (str((tmp_path / "m").resolve()), 1, "coherent", "bfloat16", "auto")
+    assert settings.model_name == "mine"
+    assert settings_from_args({"config": str(args.config), "model": str(tmp_path / "m")}).model_name == "m"
+    with pytest.raises(DeploymentConfigError, match="dtype"):
+        settings_from_args({"config": str(args.config), "dtype": "float8"})
+    with pytest.raises(ServeArgsError, match="model.*no such file"):
+        settings_from_args({"config": str(args.config), "model": str(tmp_path / "nowhere")})
+    with pytest.raises(ServeArgsError, match="expert_ranks"):
+        settings_from_args({"config": str(args.config), "expert_ranks": 0})
