@@ -6,8 +6,9 @@ API key (``api_key``, else the environment variable named by ``api_key_env``, de
 ``RAYMOE_API_KEY``), each request's deadline (``request_timeout_s``) and how long a
 stopping server lets the requests in flight finish (``drain_timeout_s``), and a chat
 template that replaces the checkpoint's (``chat_template``: a Jinja file, or the template
-text itself, as vLLM's ``--chat-template``). Relative paths are looked up in the current
-directory, then in the repository root.
+text itself, as vLLM's ``--chat-template``); and ``model``, ``expert_ranks``, ``layout``,
+``dtype``, ``address``, which override those fields of the YAML (``raymoe serve --model
+DIR``). Relative paths are looked up in the current directory, then in the repository root.
 """
 
 from __future__ import annotations
