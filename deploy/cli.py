@@ -203,8 +203,20 @@ def _add_k8s(sub) -> None:
     p.set_defaults(func=k8s.run)
 
 
+def version() -> str:
+    """``raymoe X.Y.Z`` as installed (the package metadata, no torch or Ray import)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return f"raymoe {installed('raymoe')}"
+    except PackageNotFoundError:
+        return "raymoe (not installed: running from a source tree)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Distributed expert-parallel MoE serving on Ray")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)

@@ -35,6 +35,9 @@ DRAIN_POLL_S = 0.2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from raymoe.deploy.cli import version
+
+    parser.add_argument("--version", action="version", version=version())
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help=f"raymoe deployment YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")

@@ -1,0 +1,79 @@
+"""`raymoe serve`'s arguments and the Serve builder's: a chat template that replaces the
+checkpoint's, the deployment YAML's fields overridden from the command line
+(``--model DIR`` needs no YAML of its own), and ``--version``."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny_models import save_char_tokenizer, save_tiny_model
+from raymoe.workers.tokenizer import Tokenizer
+
+
+def test_chat_template_setting_takes_a_file_or_the_template_and_refuses_a_broken_one(tmp_path, monkeypatch):
+    """``raymoe serve --chat-template`` / the builder's ``chat_template``: read and compiled
+    at the edge; the prompt encoder then renders with it instead of the checkpoint's."""
+    from raymoe.deploy.prompts import PromptEncoder
+    from raymoe.deploy.settings import ServeArgsError, settings_from_args
+
+    base = {"config": "deploy/configs/tiny.yaml"}
+    assert settings_from_args(base).chat_template is None
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.role }}={{ m.content }};{% endfor %}")
+    text, source = settings_from_args({**base, "chat_template": str(tmp_path / "t.jinja")}).chat_template
+    assert source == f"--chat-template {tmp_path / 't.jinja'}" and text.startswith("{% for m")
+    inline = settings_from_args({**base, "chat_template": "<{{ messages[0].content }}>"}).chat_template
+    assert inline == ("<{{ messages[0].content }}>", "--chat-template (inline)")
+    with pytest.raises(ServeArgsError, match="chat_template.*no such file"):
+        settings_from_args({**base, "chat_template": str(tmp_path / "missing.jinja")})
+    with pytest.raises(ServeArgsError, match="chat_template.*does not compile"):
+        settings_from_args({**base, "chat_template": "{% for %}"})
+
+    save_char_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("checkpoint's {{ messages[0].content }}")
+    encoder = PromptEncoder(Tokenizer(tmp_path), 96, 64, chat_template=(text, source))
+    assert encoder.chat.source == source
+    assert encoder.chat.render([{"role": "user", "content": "hi"}]) == "user=hi;"
+
+
+def test_serve_takes_the_model_and_the_main_choices_without_a_yaml_of_its_own(tmp_path):
+    """``raymoe serve --model DIR --expert-ranks 1 --layout coherent --dtype bfloat16``: the
+    flags become builder arguments that override the default config; a bad one names its field."""
+    import argparse
+
+    from raymoe.cluster.config import DeploymentConfigError
+    from raymoe.deploy import serve_cli
+    from raymoe.deploy.settings import ServeArgsError, settings_from_args
+
+    save_tiny_model("mixtral", tmp_path / "m")
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "m"), "--expert-ranks", "1", "--layout", "coherent",
+                              "--dtype", "bfloat16", "--served-model-name", "mine", "--address", "auto"])
+    assert (args.model, args.expert_ranks, args.layout, args.dtype, args.model_name) == \
+        (str(tmp_path / "m"), 1, "coherent", "bfloat16", "mine")
+    settings = settings_from_args({"config": str(args.config), "model": args.model, "expert_ranks": 1,
+                                   "layout": "coherent", "dtype": "bfloat16", "address": "auto",
+                                   "model_name": args.model_name})
+    c = settings.config
+    assert (c.model, c.expert_ranks, c.layout, c.dtype, c.ray.address) == \
+        (str((tmp_path / "m").resolve()), 1, "coherent", "bfloat16", "auto")
+    assert settings.model_name == "mine"
+    assert settings_from_args({"config": str(args.config), "model": str(tmp_path / "m")}).model_name == "m"
+    with pytest.raises(DeploymentConfigError, match="dtype"):
+        settings_from_args({"config": str(args.config), "dtype": "float8"})
+    with pytest.raises(ServeArgsError, match="model.*no such file"):
+        settings_from_args({"config": str(args.config), "model": str(tmp_path / "nowhere")})
+    with pytest.raises(ServeArgsError, match="expert_ranks"):
+        settings_from_args({"config": str(args.config), "expert_ranks": 0})
+
+
+def test_raymoe_and_raymoe_serve_print_the_installed_version(capsys):
+    from importlib.metadata import version as installed
+
+    from raymoe.deploy.cli import build_parser
+
+    for argv in (["--version"], ["serve", "--version"]):
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args(argv)
+        assert done.value.code == 0
+        assert capsys.readouterr().out.strip() == f"raymoe {installed('raymoe')}"
