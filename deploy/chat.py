@@ -28,10 +28,11 @@ FALLBACK_TEMPLATE = (
 
 
 class ChatTemplateError(ValueError):
-    """The template cannot be compiled, or refuses these messages; carries its message."""
+    """The template cannot be compiled, or refuses these messages; carries its message and
+    the request field at fault (``param``)."""
 
-    def __init__(self, message: str, source: str):
-        self.source = source
+    def __init__(self, message: str, source: str, param: str = "messages"):
+        self.source, self.param = source, param
         super().__init__(f"chat template ({source}): {message}")
 
 
@@ -91,7 +92,7 @@ class ChatRenderer:
         taken = [k for k in extra if k in RESERVED]
         if taken:
             raise ChatTemplateError(f"chat_template_kwargs may not set '{taken[0]}' (the server sets {list(RESERVED)})",
-                                    self.source)
+                                    self.source, "chat_template_kwargs")
         try:
             text = self.template.render(**extra, messages=messages, add_generation_prompt=True,
                                         bos_token=self.bos_token, eos_token=self.eos_token)

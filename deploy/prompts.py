@@ -97,8 +97,7 @@ class PromptEncoder:
         try:
             text = self.chat.render(messages, template_kwargs)
         except ChatTemplateError as exc:
-            raise invalid(str(exc), "chat_template_kwargs" if "chat_template_kwargs may not" in str(exc)
-                          else "messages") from None
+            raise invalid(str(exc), exc.param) from None
         return self.text(text, "messages")
 
     def check(self, ids: list[int], param: str) -> list[int]:
