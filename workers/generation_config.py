@@ -8,7 +8,8 @@ recommended sampling defaults, applied as vLLM applies them.
   the field out; a request that sets one overrides it. Fields the file does not set keep
   the API's own defaults; ``do_sample`` is not read (vLLM does not either).
 
-A malformed file is refused at load with a ``CheckpointError`` naming the field.
+A file that is not a JSON object is a ``CheckpointError``; a bad field is a
+``ConfigFieldError`` naming it (the ids are read as config.json's are, ``RawConfig``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from raymoe.workers.model.errors import CheckpointError
+from raymoe.workers.model.errors import CheckpointError, ConfigFieldError
+from raymoe.workers.model.families.raw_config import RawConfig
 
 FILE = "generation_config.json"
 
@@ -49,12 +51,9 @@ def load_generation_config(path: str | Path) -> GenerationDefaults:
         raise CheckpointError(file, "is not a JSON object", "restore the file or delete it")
 
     def bad(field: str, expected: str):
-        return CheckpointError(file, f"has {field} = {data[field]!r}", f"make it {expected}, or remove it")
+        return ConfigFieldError(file, field, data[field], expected)
 
-    eos = data.get("eos_token_id")
-    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise bad("eos_token_id", "a token id or a list of token ids")
+    ids = RawConfig(data, str(file)).eos_token_ids()
     temperature, top_p, top_k = data.get("temperature"), data.get("top_p"), data.get("top_k")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 2):

@@ -13,7 +13,7 @@ from raymoe.deploy import openai_api as api
 from raymoe.deploy.chat import ChatRenderer, ChatTemplateError
 from raymoe.deploy.completions import _limits
 from raymoe.workers.generation_config import GenerationDefaults, load_generation_config
-from raymoe.workers.model.errors import CheckpointError
+from raymoe.workers.model.errors import CheckpointError, ConfigFieldError
 from raymoe.workers.reference import ReferenceEngine, eos_ids
 from raymoe.workers.sampling import SamplingParams
 from raymoe.workers.tokenizer import Tokenizer
@@ -40,8 +40,9 @@ def test_the_file_is_read_with_its_eos_list_and_sampling_fields(tmp_path):
 ])
 def test_a_bad_field_is_refused_by_name(tmp_path, data, field):
     (tmp_path / "generation_config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=field):
+    with pytest.raises(ConfigFieldError, match=field) as caught:
         load_generation_config(tmp_path)
+    assert caught.value.field == field
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="JSON"):
         load_generation_config(tmp_path)
