@@ -124,3 +124,19 @@ def save_planted_affinity_model(path: Path, num_experts: int = 4, layers: int = 
             layer.mlp.gate.weight.copy_(router0[inverse])  # row perms[l][e] of layer l is row e of layer 0
     save_checkpoint(model, path)
     return perms
+
+
+def assert_kv_cache_walk_matches(hf, ours, prompt: list[int], prefill: int, max_seqs: int = 4) -> None:
+    """Prefill ``prompt[:prefill]``, then feed the rest one token at a time through the KV
+    cache: at every position the logits equal transformers' one pass (1e-5)."""
+    from raymoe.workers.model.batch import ForwardBatch
+    from raymoe.workers.reference import ReferenceEngine
+
+    engine = ReferenceEngine(ours, max_seqs=max_seqs)
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+        first = engine.model(ForwardBatch.build([prompt[:prefill]], [0], [1]), engine.runner.cache)
+        assert (first[0] - want[prefill - 1]).abs().max().item() <= 1e-5, f"prefill of {prefill} tokens"
+        for pos in range(prefill, len(prompt)):
+            step = engine.model(ForwardBatch.build([[prompt[pos]]], [pos], [1]), engine.runner.cache)
+            assert (step[0] - want[pos]).abs().max().item() <= 1e-5, f"position {pos}"

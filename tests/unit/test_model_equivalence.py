@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import FAMILIES, save_tiny_model
+from tests.tiny_models import FAMILIES, assert_kv_cache_walk_matches, save_tiny_model
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.reference import ReferenceEngine
@@ -34,16 +34,8 @@ def test_logits_match_transformers(pair):
 
 def test_logits_with_kv_cache_match(pair):
     """Prefill, then feed tokens one by one through the cache: same logits as one pass."""
-    hf, ours, path = pair
-    engine = ReferenceEngine(ours, max_seqs=4)
-    prompt = PROMPTS[2]
-    with torch.no_grad():
-        want = hf(torch.tensor([prompt])).logits[0]
-        first = engine.model(ForwardBatch.build([prompt[:5]], [0], [1]), engine.runner.cache)
-        assert (first[0] - want[4]).abs().max().item() <= 1e-5
-        for pos in range(5, len(prompt)):
-            step = engine.model(ForwardBatch.build([[prompt[pos]]], [pos], [1]), engine.runner.cache)
-            assert (step[0] - want[pos]).abs().max().item() <= 1e-5, f"position {pos}"
+    hf, ours, _ = pair
+    assert_kv_cache_walk_matches(hf, ours, PROMPTS[2], prefill=5)
 
 
 def test_greedy_generation_matches_transformers(pair):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import assert_kv_cache_walk_matches, save_tiny_model
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.model.errors import ConfigFieldError, UnsupportedModelError
@@ -54,14 +54,7 @@ def test_scaled_rope_logits_match_transformers(pair):
 
 def test_scaled_rope_through_the_kv_cache(pair):
     hf, ours, _ = pair
-    engine = ReferenceEngine(ours, max_seqs=2)
-    with torch.no_grad():
-        want = hf(torch.tensor([PROMPT])).logits[0]
-        first = engine.model(ForwardBatch.build([PROMPT[:20]], [0], [1]), engine.runner.cache)
-        assert (first[0] - want[19]).abs().max().item() <= 1e-5
-        for pos in range(20, len(PROMPT)):
-            step = engine.model(ForwardBatch.build([[PROMPT[pos]]], [pos], [1]), engine.runner.cache)
-            assert (step[0] - want[pos]).abs().max().item() <= 1e-5, f"position {pos}"
+    assert_kv_cache_walk_matches(hf, ours, PROMPT, prefill=20, max_seqs=2)
 
 
 def test_scaled_rope_greedy_tokens_match_transformers(pair):
