@@ -152,9 +152,11 @@ def bench_model(name: str, path: Path, batches: list[int], prompt_len: int, warm
     return rows
 
 
-def local_transport_round_trip_us(world: int, nbytes: int = 4096, repeats: int = 300) -> float:
+def local_transport_round_trip_us(world: int, nbytes: int = 4096, repeats: int = 300,
+                                  shared_memory: bool = False) -> float:
     """Median microseconds of one dispatch + combine (rank 0 sends ``nbytes`` split over the
-    others, they send it back) over the same-node transport."""
+    others, they send it back) over the same-node transport: its sockets, or its
+    shared-memory rings (``workers/dispatch/shm_mailbox.py``)."""
     import torch.multiprocessing as mp
 
     from raymoe.workers.process_group import free_port
@@ -162,7 +164,8 @@ def local_transport_round_trip_us(world: int, nbytes: int = 4096, repeats: int =
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     name = f"probe-{free_port()}"
-    procs = [ctx.Process(target=_round_trips, args=(r, world, name, nbytes, repeats, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_round_trips, args=(r, world, name, nbytes, repeats, shared_memory, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -170,11 +173,11 @@ def local_transport_round_trip_us(world: int, nbytes: int = 4096, repeats: int =
     return queue.get()
 
 
-def _round_trips(rank: int, world: int, name: str, nbytes: int, repeats: int, queue) -> None:
+def _round_trips(rank: int, world: int, name: str, nbytes: int, repeats: int, shared_memory: bool, queue) -> None:
     from raymoe.workers.dispatch.local_transport import LocalTransport
 
     torch.set_num_threads(1)
-    t = LocalTransport.connect(name, rank, world, 30.0)
+    t = LocalTransport.connect(name, rank, world, 30.0, shared_memory=shared_memory)
     per = nbytes // (world - 1)
     out_splits = [0] + [per] * (world - 1) if rank == 0 else [0] * world
     in_splits = [0] * world if rank == 0 else [per] + [0] * (world - 1)
@@ -222,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for world, by_bytes in all_to_all_latency((2, 3), repeats=200).items():  # one gloo all_to_all_single
         floors[f"gloo_all_to_all_us_{world}_processes_4KiB"] = by_bytes[4096] * 1e6
-    for world in (2, 3):  # dispatch + combine over the same-node transport
+    for world in (2, 3):  # dispatch + combine over the same-node transport's sockets
         floors[f"local_round_trip_us_{world}_processes_4KiB"] = local_transport_round_trip_us(world)
+    # and over its shared-memory rings, which it uses where every rank has a core (2 ranks here)
+    floors["shm_round_trip_us_2_processes_4KiB"] = local_transport_round_trip_us(2, shared_memory=True)
     ray.shutdown()
     data = {"rows": rows, "floors": floors}
     result_file.write(out, meta, data)

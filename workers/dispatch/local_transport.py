@@ -13,6 +13,11 @@ one-element all-gather), so ``Collectives`` counts it exactly as it counts gloo;
 all-to-all whose receive sizes are not known in advance (``all_to_all_v``): each piece
 travels behind an 8-byte row count on the same stream, so it costs one exchange where
 torch.distributed needs a split-size all-to-all first.
+
+Where every rank can have a core of its own, small pieces go through shared-memory rings
+instead (``shm_mailbox.py``: no system call while the receiver spins, about a quarter of
+a socket round trip here); the sockets stay for large pieces and to tell a dead peer.
+
 Sockets are abstract (Linux: no file), named after the group's rendezvous; a peer that
 dies closes its sockets (``ConnectionError`` here), one that hangs makes ``recv`` time
 out after ``timeout_s`` (``TimeoutError``), as gloo's collectives do. A rank whose
@@ -32,17 +37,25 @@ import time
 
 import torch
 
+from raymoe.workers.dispatch import shm_mailbox
+from raymoe.workers.dispatch.shm_mailbox import Mailboxes
+
 SMALL = 64 << 10  # below this per peer, sends cannot block (the socket buffer holds them): no select loop
 
 
 class LocalTransport:
-    def __init__(self, rank: int, world: int, peers: dict[int, socket.socket], timeout_s: float):
+    def __init__(self, rank: int, world: int, peers: dict[int, socket.socket], timeout_s: float,
+                 boxes: Mailboxes | None = None):
         self.rank, self.world, self.peers, self.timeout_s = rank, world, peers, timeout_s
+        self.boxes = boxes  # shared-memory rings for small pieces, or None: everything on the sockets
 
     @classmethod
-    def connect(cls, name: str, rank: int, world: int, timeout_s: float) -> "LocalTransport":
-        """Build the mesh. All ranks must call this together with the same ``name``. The
-        lower rank of each pair listens, the higher connects."""
+    def connect(cls, name: str, rank: int, world: int, timeout_s: float,
+                shared_memory: bool | None = None) -> "LocalTransport":
+        """Build the mesh. All ranks must call this together with the same ``name`` and
+        ``shared_memory`` (None: where ``shm_mailbox`` is usable and every rank can have
+        a core, so a waiting rank spins). The lower rank of each pair listens, the higher
+        connects."""
         def address(low: int, high: int) -> str:
             return f"\0raymoe-{name}-{low}-{high}"
 
@@ -74,7 +87,10 @@ class LocalTransport:
             peers[peer] = conn
         for sock in peers.values():
             sock.settimeout(timeout_s)
-        return cls(rank, world, peers, timeout_s)
+        if shared_memory is None:  # it pays only where the waiting ranks can spin (module docstring)
+            shared_memory = shm_mailbox.usable() and shm_mailbox.default_spin_s(world) > 0
+        boxes = Mailboxes.open(name, rank, world, peers) if shared_memory and world > 1 else None
+        return cls(rank, world, peers, timeout_s, boxes)
 
     def close(self) -> None:
         for sock in self.peers.values():
@@ -83,6 +99,9 @@ class LocalTransport:
             except OSError:
                 pass
         self.peers = {}
+        if self.boxes is not None:
+            self.boxes.close()
+            self.boxes = None
 
     def all_to_all_single(self, recv: torch.Tensor, send: torch.Tensor, recv_splits: list[int],
                           send_splits: list[int]) -> None:
@@ -100,6 +119,9 @@ class LocalTransport:
         if len(self.peers) != self.world - 1:
             raise ConnectionError("the local transport was broken by an earlier failure; rebuild the group")
         try:
+            if self.boxes is not None:
+                self._mail(outgoing, incoming)
+                return
             self._exchange(outgoing, incoming)
         except (OSError, TimeoutError):
             self.close()  # the peers waiting on this rank fail now, not at their timeout
@@ -118,7 +140,10 @@ class LocalTransport:
         deadline = time.monotonic() + self.timeout_s
         try:
             pieces = {p: out[send_at[p]:send_at[p] + send_splits[p] * row] for p in self.peers}
-            if all(len(v) <= SMALL for v in pieces.values()):
+            if self.boxes is not None and row:
+                received = self._mail(pieces, None)
+                counts = {p: len(v) // row for p, v in received.items()}
+            elif all(len(v) <= SMALL for v in pieces.values()):
                 for peer, data in pieces.items():
                     self.peers[peer].sendall(send_splits[peer].to_bytes(8, "little") + bytes(data))
                 counts, received = {}, {}
@@ -155,6 +180,32 @@ class LocalTransport:
         recv = torch.empty(self.world, dtype=torch.int64)
         self.all_to_all_single(recv, send, [1] * self.world, [1] * self.world)
         return recv.tolist()
+
+    def _mail(self, outgoing: dict[int, memoryview], incoming: dict[int, memoryview] | None) -> dict[int, memoryview]:
+        """One exchange through the shared-memory rings: a record to every peer (empty
+        where there is nothing to send), then one from every peer. Pieces too large for a
+        ring announce their size there and travel on the sockets after. ``incoming``: where
+        each peer's bytes go (sizes known), or None: returns new buffers (sizes learnt)."""
+        deadline = time.monotonic() + self.timeout_s
+        empty = memoryview(b"")
+        by_socket_out = {}
+        for peer in sorted(self.peers):
+            data = outgoing.get(peer, empty)
+            if not self.boxes.post(peer, data, self.peers[peer], deadline):
+                by_socket_out[peer] = data
+        received, by_socket_in = {}, {}
+        for peer in sorted(self.peers):
+            into = None if incoming is None else incoming.get(peer, empty)
+            size, data = self.boxes.take(peer, self.peers[peer], deadline, into)
+            if data is None:
+                if into is not None and len(into) != size:
+                    raise ValueError(f"rank {peer} sent {size} bytes where {len(into)} were expected")
+                data = into if into is not None else memoryview(bytearray(size))
+                by_socket_in[peer] = data
+            received[peer] = data
+        if by_socket_out or by_socket_in:
+            self._exchange(by_socket_out, by_socket_in)
+        return received
 
     def _exchange(self, outgoing: dict[int, memoryview], incoming: dict[int, memoryview]) -> None:
         deadline = time.monotonic() + self.timeout_s
