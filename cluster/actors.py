@@ -26,6 +26,8 @@ from raymoe.workers.coherent import CoherentRank
 from raymoe.workers.expert_map import LayerMap, without_ranks
 from raymoe.workers.experts import ExpertWorker
 from raymoe.workers.frontend import FrontEnd
+from raymoe.workers.model.dtypes import DTYPES
+from raymoe.workers.model.dtypes import resolve as resolve_dtype
 from raymoe.workers.process_group import data_plane, pick_backend
 
 log = logging.getLogger("raymoe")
@@ -34,8 +36,11 @@ CONCURRENCY = 2  # the step loop + one Ray call at a time
 
 
 class ActorSet:
-    def __init__(self, config: DeploymentConfig, plan, maps: list[LayerMap], dtype: torch.dtype):
-        self.config, self.plan, self.maps, self.dtype = config, plan, maps, dtype
+    def __init__(self, config: DeploymentConfig, plan, maps: list[LayerMap], declared_dtype: str | None):
+        """``declared_dtype``: the checkpoint's (``workers/model/dtypes.checkpoint_dtype``), for
+        ``dtype: auto``, resolved at ``start`` once the actors' GPUs are known."""
+        self.config, self.plan, self.maps, self.declared_dtype = config, plan, maps, declared_dtype
+        self.dtype_name, self.dtype_reason = resolve_dtype(config.dtype, declared_dtype, on_gpu=False)
         self.world = config.expert_ranks + (config.layout == "disaggregated")
         self.actors: list = []
         self.standby = None  # an ExpertWorker holding no experts, or None
@@ -48,6 +53,7 @@ class ActorSet:
     def start(self) -> None:
         c, res = self.config, self.config.resources
         self.gpus = self._gpus_per_actor(res.gpus_per_actor)
+        self.dtype_name, self.dtype_reason = resolve_dtype(c.dtype, self.declared_dtype, on_gpu=self.gpus > 0)
         if c.backend == "nccl" and self.gpus < 1:
             raise DeploymentConfigError("backend", "nccl", f"NCCL needs a whole GPU per actor and this deployment "
                                         f"gives each {self.gpus:g} (resources.gpus_per_actor, GPUs in the cluster); "
@@ -67,8 +73,8 @@ class ActorSet:
         self.join_all()
         if self.standby is not None:
             ray.get(self.standby.where.remote())  # up before the first step, ready to step in
-        log.info("%s deployment up: %d expert ranks, backend %s, rendezvous %s",
-                 c.layout, c.expert_ranks, self.backend, self.rendezvous)
+        log.info("%s deployment up: %d expert ranks, dtype %s (%s), backend %s, rendezvous %s",
+                 c.layout, c.expert_ranks, self.dtype_name, self.dtype_reason, self.backend, self.rendezvous)
 
     def _gpus_per_actor(self, requested) -> float:
         """``auto``: a whole GPU per actor when the cluster has enough, else an equal share
@@ -124,6 +130,11 @@ class ActorSet:
             if self._channel_of.get(index) is not actor:
                 self.channels.open(index, actor)
                 self._channel_of[index] = actor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the actors compute in (``dtype_name``; ``auto`` resolved by ``start``)."""
+        return DTYPES[self.dtype_name]
 
     # -- calls -----------------------------------------------------------------------------
     @property

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
+from raymoe.workers.model.dtypes import CHOICES as DTYPES
 from raymoe.workers.overlap import MODES as OVERLAP_MODES
 
 LAYOUTS = ("disaggregated", "coherent")
-DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("auto", "gloo", "nccl", "local")
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 BUILTIN_POLICIES = ("linear", "round_robin")
@@ -75,7 +75,7 @@ class RecoveryConfig:
 @dataclass(frozen=True)
 class DeploymentConfig:
     model: str
-    dtype: str = "float32"
+    dtype: str = "auto"  # or float32 / bfloat16 / float16; auto: workers/model/dtypes.py
     moge_groups: int | None = None
     layout: str = "disaggregated"
     expert_ranks: int = 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from raymoe.cluster.bootstrap import connect
 from raymoe.cluster.config import DeploymentConfig, DeploymentConfigError
@@ -17,14 +16,13 @@ from raymoe.cluster.recovery import Recovery
 from raymoe.workers.engine import Engine
 from raymoe.workers.generation_config import load_generation_config
 from raymoe.workers.model.checkpoint import Checkpoint
+from raymoe.workers.model.dtypes import checkpoint_dtype
 from raymoe.workers.reference import eos_ids
 from raymoe.workers.scheduler import Scheduler
 from raymoe.workers.stats import RuntimeStats
 from raymoe.workers.tokenizer import load_tokenizer
 
 log = logging.getLogger("raymoe")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_plan(config: DeploymentConfig, num_moe_layers: int, num_experts: int):
@@ -71,7 +69,7 @@ class Deployment(Engine):
         b = config.batching
         eos = eos_ids(model.eos_token_ids, tokenizer, model.vocab_size, self.generation.eos_token_ids)
         scheduler = Scheduler(b.max_seqs, b.max_seq_len, eos, tokenizer, model.vocab_size)
-        super().__init__(RayExecutor(config, plan, DTYPES[config.dtype]), scheduler, tokenizer, b.max_queue)
+        super().__init__(RayExecutor(config, plan, checkpoint_dtype(ckpt.raw_config)), scheduler, tokenizer, b.max_queue)
         connect(config.ray)
         try:
             self.executor.start()
@@ -115,6 +113,11 @@ class Deployment(Engine):
     @property
     def backend(self) -> str:
         return self.executor.actors.backend
+
+    @property
+    def dtype(self) -> str:
+        """What the actors compute in: the config's ``dtype``, ``auto`` resolved (``workers/model/dtypes.py``)."""
+        return self.executor.actors.dtype_name
 
     @property
     def rendezvous(self) -> str:

@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from raymoe.cluster.config import DeploymentConfigError
 from raymoe.workers.tables import format_expert_load
 from raymoe.placement.errors import PlanError
+from raymoe.workers.model.dtypes import CHOICES as DTYPE_CHOICES
 from raymoe.workers.model.errors import RaymoeModelError
 from raymoe.workers.sampling import SamplingParams, SamplingParamsError
 from raymoe.workers.scheduler import RequestError
@@ -24,7 +23,6 @@ from raymoe.workers.scheduler import RequestError
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "tiny-moe"
 DEMO_CONFIG = ROOT / "deploy" / "configs" / "tiny.yaml"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):"]
 
 
@@ -60,7 +58,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-file", type=Path, help="one prompt per line")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids (repeatable); prints token ids back")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the config's, else float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="default: the config's, else auto (the checkpoint's on GPUs, float32 on CPUs)")
     p.add_argument("--moge-groups", type=int, default=None, help="route with MoGE over this many expert groups")
     p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together (reference engine)")
     p.add_argument("--record-trace", type=Path, help="write the routing trace (.npz, see docs/formats.md)")
@@ -120,7 +119,7 @@ def open_engine(args: argparse.Namespace):
         return Deployment(config)
     from raymoe.workers.reference import ReferenceEngine
 
-    return ReferenceEngine.from_pretrained(args.model or DEFAULT_MODEL, DTYPES[args.dtype or "float32"],
+    return ReferenceEngine.from_pretrained(args.model or DEFAULT_MODEL, args.dtype or "auto",
                                            args.moge_groups, max_seqs=args.max_seqs)
 
 

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "stays, so `raymoe serve --model DIR` needs no YAML of its own)")
     parser.add_argument("--expert-ranks", type=int, help="override the config's expert_ranks")
     parser.add_argument("--layout", choices=["disaggregated", "coherent"], help="override the config's layout")
-    parser.add_argument("--dtype", help="override the config's dtype (float32, bfloat16, float16)")
+    parser.add_argument("--dtype", help="override the config's dtype (auto, float32, bfloat16, float16)")
     parser.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of the config's")
     parser.add_argument("--model-name", "--served-model-name", dest="model_name",
                         help="the name clients send as 'model' (default: the model directory's)")

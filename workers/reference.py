@@ -6,6 +6,7 @@ The distributed runtime must reproduce its output token for token.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,13 +15,17 @@ import torch
 
 from raymoe.workers.engine import Engine
 from raymoe.workers.generation_config import GenerationDefaults, load_generation_config
-from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.model.checkpoint import Checkpoint, load_model
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
+from raymoe.workers.model.dtypes import DTYPES, checkpoint_dtype
+from raymoe.workers.model.dtypes import resolve as resolve_dtype
 from raymoe.workers.runner import ModelRunner
 from raymoe.workers.scheduler import Scheduler
 from raymoe.workers.stats import RuntimeStats, StepStats
 from raymoe.workers.step import StepInput, StepOutput
 from raymoe.workers.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("raymoe")
 
 
 def eos_ids(model_eos: tuple[int, ...], tokenizer: Tokenizer | None, vocab_size: int,
@@ -88,8 +93,15 @@ class ReferenceEngine(Engine):
         return self.executor.stats
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, moge_groups: int | None = None,
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = "auto", moge_groups: int | None = None,
                         **kwargs) -> "ReferenceEngine":
+        """The engine over a checkpoint directory, on the CPU. ``dtype``: a torch dtype, or a
+        name of ``workers/model/dtypes.py`` (``auto``: what the checkpoint declares, as
+        that module resolves it on a CPU: float32)."""
+        if isinstance(dtype, str):
+            name, why = resolve_dtype(dtype, checkpoint_dtype(Checkpoint(path, moge_groups).raw_config), on_gpu=False)
+            log.info("reference engine: dtype %s (%s)", name, why)
+            dtype = DTYPES[name]
         kwargs.setdefault("generation", load_generation_config(path))
         return cls(load_model(path, dtype, moge_groups), load_tokenizer(path), **kwargs)
 

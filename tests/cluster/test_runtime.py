@@ -64,6 +64,7 @@ def test_mixtral_equals_reference_for_any_rank_count(ray_session, models, ranks)
     """6 experts: 4 ranks do not divide them (2/2/1/1 slots). 3 ranks: the counting test below."""
     ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
     with deployment(models["mixtral"], ranks, linear_plan(6, ranks, 3)) as dep:
+        assert dep.dtype == "float32"  # dtype auto on CPU actors (tests/unit/test_dtypes.py)
         assert lockstep(ref, dep) > 10
 
 
