@@ -7,6 +7,8 @@ greedy comparison then tests the math, not float noise at near-ties.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -140,3 +142,41 @@ def assert_kv_cache_walk_matches(hf, ours, prompt: list[int], prefill: int, max_
         for pos in range(prefill, len(prompt)):
             step = engine.model(ForwardBatch.build([[prompt[pos]]], [pos], [1]), engine.runner.cache)
             assert (step[0] - want[pos]).abs().max().item() <= 1e-5, f"position {pos}"
+
+
+def _quantized(key: str, value: torch.Tensor) -> bool:
+    """What DeepSeek-V3's FP8 checkpoint quantizes: linear weights, not embeddings, norms,
+    routers or the LM head."""
+    return value.dim() == 2 and key.endswith(".weight") and not any(
+        part in key for part in ("embed_tokens", "lm_head", "norm", ".gate.weight"))
+
+
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def fp8_checkpoint(src, dst, block: tuple[int, int]) -> tuple:
+    """Write ``src`` FP8-quantized to ``dst`` and, beside it, ``dst``-plain: the same model
+    with the dequantized weights in float32. Returns (fp8 dir, plain dir, quantized keys)."""
+    from safetensors.torch import load_file, save_file
+
+    from raymoe.workers.model.quantization import dequantize, quantize
+
+    plain = dst.parent / f"{dst.name}-plain"
+    for path in (dst, plain):
+        shutil.copytree(src, path)
+    tensors = load_file(src / "model.safetensors")
+    fp8, deq, keys = {}, {}, []
+    for key, value in tensors.items():
+        if _quantized(key, value):
+            q, scale_inv = quantize(value, block)
+            fp8[key], fp8[key + "_scale_inv"] = q, scale_inv
+            deq[key] = dequantize(q, scale_inv, block, torch.float32)
+            keys.append(key)
+        else:
+            fp8[key] = deq[key] = value
+    save_file(fp8, dst / "model.safetensors")
+    save_file(deq, plain / "model.safetensors")
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {**FP8, "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst, plain, keys

@@ -14,6 +14,7 @@ import torch
 from raymoe.cluster.config import DeploymentConfigError, parse_config
 from raymoe.cluster.coordinator import Deployment
 from tests.plans import linear_plan, random_plan
+from tests.tiny_models import fp8_checkpoint
 from tests.tiny_models import save_tiny_model
 from raymoe.workers.engine import Engine
 from raymoe.workers.model.checkpoint import Checkpoint
@@ -65,6 +66,15 @@ def test_mixtral_equals_reference_for_any_rank_count(ray_session, models, ranks)
     ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
     with deployment(models["mixtral"], ranks, linear_plan(6, ranks, 3)) as dep:
         assert dep.dtype == "float32"  # dtype auto on CPU actors (tests/unit/test_dtypes.py)
+        assert lockstep(ref, dep) > 10
+
+
+def test_an_fp8_checkpoint_runs_distributed_as_in_one_process(ray_session, models, tmp_path):
+    """FP8 block-quantized weights (tests/unit/test_fp8_checkpoint.py): the expert ranks
+    dequantize only their own slots, and the deployment equals the reference engine."""
+    fp8, _, _ = fp8_checkpoint(models["mixtral"], tmp_path / "fp8", (16, 24))
+    ref = ReferenceEngine.from_pretrained(fp8, max_seqs=4)
+    with deployment(fp8, 2, linear_plan(6, 2, 3)) as dep:
         assert lockstep(ref, dep) > 10
 
 

@@ -157,12 +157,12 @@ def test_check_shapes_reads_headers_only_and_names_the_tensor(ckpt, monkeypatch)
         Checkpoint(ckpt).check_shapes()
 
 
-QUANTIZATION_CONFIGS = [  # as the real checkpoints of each method write them
-    {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+QUANTIZATION_CONFIGS = [  # as the real checkpoints of each method write them; block FP8 loads (test_fp8_checkpoint)
     {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
     {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
     {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
     {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}},
+    {"quant_method": "mxfp4"},
 ]
 
 
@@ -172,7 +172,7 @@ def test_quantized_checkpoint_is_refused_by_its_quant_method(ckpt, quant):
     with pytest.raises(UnsupportedModelError) as err:
         Checkpoint(ckpt)
     assert err.value.field == "quantization_config.quant_method" and err.value.value == quant["quant_method"]
-    assert "unquantized (float32, bfloat16 or float16) weights only" in str(err.value)
+    assert "quant_method fp8 with weight_block_size" in str(err.value)
 
 
 def _edit_tensors(path, edit) -> None:
@@ -210,16 +210,17 @@ def test_scale_and_packed_weight_tensors_are_refused_by_name(ckpt, extra):
     assert err.value.key == extra and err.value.dtype is None and "is a quantization scale" in str(err.value)
 
 
-def test_generate_cli_refuses_an_fp8_checkpoint_in_one_line(ckpt):
+def test_generate_cli_refuses_an_awq_checkpoint_in_one_line(ckpt):
     _edit_config(ckpt, quantization_config=QUANTIZATION_CONFIGS[0])
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-m", "raymoe.deploy.cli", "generate", "--model", str(ckpt), "--prompt-ids",
                            "1,2", "--max-new-tokens", "1"], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     [line] = done.stderr.strip().splitlines()
-    assert line == (f"raymoe: error: {ckpt / 'config.json'}: field 'quantization_config.quant_method' = 'fp8'; "
-                    "expected no quantization_config: raymoe loads unquantized (float32, bfloat16 or float16) "
-                    "weights only; use the original unquantized checkpoint")
+    assert line == (f"raymoe: error: {ckpt / 'config.json'}: field 'quantization_config.quant_method' = 'awq'; "
+                    "expected no quantization, or quant_method fp8 with weight_block_size (DeepSeek-V3 / Qwen3-FP8 "
+                    "style, dequantized on load): raymoe loads unquantized weights otherwise; use the original "
+                    "checkpoint")
 
 
 @pytest.mark.parametrize("error", [CheckpointError("m/x", "bad", "fix it"), WeightShapeError("m/x", "k", (1, 2), (2, 1)),

@@ -2,7 +2,8 @@
 (one file, or shards listed by ``model.safetensors.index.json``), ``tokenizer.json``.
 
 Every problem is reported as a typed error naming the file or field before any weight
-is used. Routed experts can be loaded alone (an expert rank reads only its slots).
+is used. Routed experts can be loaded alone (an expert rank reads only its slots). FP8
+block-quantized weights are dequantized as they are read (``quantization.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from raymoe.workers.model.errors import (
     WeightShapeError,
 )
 from raymoe.workers.model.families import checkpoint_key, expert_keys, family_of, parse_config
+from raymoe.workers.model.families.raw_config import RawConfig
+from raymoe.workers.model.quantization import FP8_DTYPES, SCALE_SUFFIX, dequantize
 
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[a-z_]+\.experts\.(\d+)\.")
@@ -56,6 +59,7 @@ class Checkpoint:
         config_path = self.path / "config.json"
         self.raw_config = _read_json(config_path, "config.json")
         self.config: ModelConfig = parse_config(self.raw_config, str(config_path), moge_groups)
+        self.quantization = RawConfig(self.raw_config, str(config_path)).quantization()  # None or FP8 blocks
         self._handles: dict[str, object] = {}
         self.weight_map = self._weight_map()  # tensor name -> shard file name
         self._check_unquantized()
@@ -87,12 +91,17 @@ class Checkpoint:
         return self._handles[shard]
 
     def _check_unquantized(self) -> None:
-        """No scale or packed-weight tensor (by name: config.json declared no quantization,
-        or parse_config would have refused it); dtypes are checked by ``check_shapes``
-        from the headers and by ``tensor`` on every read."""
+        """No scale or packed-weight tensor (by name) but, when config.json declares FP8
+        block quantization, the ``weight_scale_inv`` of a weight present (parse_config
+        refused every other quantization); dtypes are checked by ``check_shapes`` from
+        the headers and by ``tensor`` on every read."""
         quantized = sorted(key for key in self.weight_map if _QUANTIZED_KEY.search(key))
+        if self.quantization is not None:
+            quantized = [key for key in quantized
+                         if not (key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in self.weight_map)]
         if quantized:
-            raise QuantizedWeightError(self.path / self.weight_map[quantized[0]], quantized[0], None, len(quantized))
+            raise QuantizedWeightError(self.path / self.weight_map[quantized[0]], quantized[0], None, len(quantized),
+                                       declared=self.quantization is not None)
 
     def _check_expert_count(self) -> None:
         """The experts in the weights must be the experts config.json declares."""
@@ -121,11 +130,30 @@ class Checkpoint:
             raise MissingWeightError(self.path, key)
         shard = self.weight_map[key]
         value = self._read(shard, key)
-        if value.dtype not in UNQUANTIZED.values():  # float8 or int: would be cast without its scales
-            raise QuantizedWeightError(str(self.path / shard), key, str(value.dtype).removeprefix("torch."))
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise WeightShapeError(str(self.path / shard), key, tuple(value.shape), tuple(shape))
+        if value.dtype in FP8_DTYPES.values() and self._scale_key(key):
+            scale_key = self._scale_key(key)
+            scale = self._read(self.weight_map[scale_key], scale_key)
+            self._check_scale(scale_key, tuple(scale.shape), tuple(value.shape))
+            return dequantize(value, scale, self.quantization.block, dtype or torch.float32)
+        if value.dtype not in UNQUANTIZED.values():  # float8 or int: would be cast without its scales
+            raise QuantizedWeightError(str(self.path / shard), key, str(value.dtype).removeprefix("torch."),
+                                       declared=self.quantization is not None)
         return value if dtype is None else value.to(dtype)
+
+    def _check_scale(self, scale_key: str, got: tuple[int, ...], weight_shape: tuple[int, ...]) -> None:
+        expected = self.quantization.scale_shape(weight_shape)
+        if got != expected:
+            raise WeightShapeError(str(self.path / self.weight_map[scale_key]), scale_key, got, expected,
+                                   f"weight_block_size {list(self.quantization.block)} and the weight's shape "
+                                   f"{list(weight_shape)} imply it")
+
+    def _scale_key(self, key: str) -> str | None:
+        """The block scales of an FP8 weight, where config.json declares them and the
+        checkpoint holds them."""
+        scale = key + SCALE_SUFFIX
+        return scale if self.quantization is not None and scale in self.weight_map else None
 
     def _read(self, shard: str, key: str) -> torch.Tensor:
         try:
@@ -142,6 +170,8 @@ class Checkpoint:
         for shard in sorted(set(self.weight_map.values())):
             for key in sorted(self._open(shard).keys()):
                 value = self._read(shard, key)
+                if value.dtype in FP8_DTYPES.values():  # no isfinite for float8 (e4m3fn has NaN, no Inf)
+                    value = value.float()
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     nan = int(torch.isnan(value).sum())
                     bad.append((shard, key, nan, int(torch.isinf(value).sum()), value.numel()))
@@ -181,8 +211,12 @@ class Checkpoint:
                                       "the file is truncated or corrupt: download it again") from None
             if got != shape:
                 raise WeightShapeError(str(self.path / shard), key, got, shape)
-            if dtype not in UNQUANTIZED:
-                raise QuantizedWeightError(str(self.path / shard), key, dtype)
+            scale_key = self._scale_key(key)
+            if dtype in FP8_DTYPES and scale_key:
+                scale = tuple(self._open(self.weight_map[scale_key]).get_slice(scale_key).get_shape())
+                self._check_scale(scale_key, scale, shape)
+            elif dtype not in UNQUANTIZED:
+                raise QuantizedWeightError(str(self.path / shard), key, dtype, declared=self.quantization is not None)
 
     def expert_weights(self, layer: int, experts: list[int],
                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

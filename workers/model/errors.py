@@ -78,16 +78,26 @@ class QuantizedWeightError(CheckpointError):
     ``count`` (how many such tensors).
     """
 
-    def __init__(self, path: str, key: str, dtype: str | None, count: int = 1):
+    def __init__(self, path: str, key: str, dtype: str | None, count: int = 1, declared: bool = False):
+        """``declared``: config.json declares FP8 block quantization, and this tensor does
+        not fit it (a float8 weight without its scale, or a tensor of another scheme)."""
         self.key, self.dtype, self.count = key, dtype, count
         what = f"has dtype {dtype}" if dtype else "is a quantization scale or packed weight"
         others = f" ({count} such tensors)" if count > 1 else ""
+        if declared:
+            super().__init__(
+                path,
+                f"tensor '{key}' {what}{others}, which FP8 block quantization does not explain: a float8 weight "
+                f"needs its '<name>_scale_inv' block scales, and no other scale or packed tensor is read",
+                "the checkpoint is incomplete, or uses another quantization scheme than its config.json says",
+            )
+            return
         super().__init__(
             path,
             f"tensor '{key}' {what}{others}: the checkpoint is quantized, but config.json has no "
             "quantization_config",
-            "raymoe loads unquantized (float32, bfloat16 or float16) weights only: use the original unquantized "
-            "checkpoint",
+            "raymoe loads unquantized (float32, bfloat16 or float16) weights, or FP8 with weight_block_size "
+            "declared in quantization_config: use the original checkpoint",
         )
 
 

@@ -28,7 +28,7 @@ def parse_config(data: dict, path: str = "config.json", moge_groups: int | None 
     extension field ``moge_num_groups`` of ``config.json``).
     """
     raw = RawConfig(data, path)
-    raw.no_quantization()
+    raw.quantization()  # refuses what raymoe cannot load; the checkpoint reads the rest
     family = family_of(raw.get("model_type"), path)
     config = family.parse(raw)
     groups = moge_groups if moge_groups is not None else raw.int("moge_num_groups", 0, minimum=0)

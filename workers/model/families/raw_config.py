@@ -155,19 +155,14 @@ class RawConfig:
             eos_token_ids=self.eos_token_ids(),
         )
 
-    def no_quantization(self) -> None:
-        """Refuse quantized checkpoints (FP8, AWQ, GPTQ, bitsandbytes, compressed-tensors,
-        ...): raymoe would read their packed weights as plain ones and drop the scales."""
-        for field in ("quantization_config", "compression_config"):  # the second: older compressed-tensors
-            quant = self.data.get(field)
-            if quant is None:
-                continue
-            named = isinstance(quant, dict) and "quant_method" in quant
-            raise UnsupportedModelError(
-                self.path, f"{field}.quant_method" if named else field, quant["quant_method"] if named else quant,
-                f"no {field}: raymoe loads unquantized (float32, bfloat16 or float16) weights only; use the "
-                "original unquantized checkpoint",
-            )
+    def quantization(self):
+        """The checkpoint's quantization: None, or block-quantized FP8 (loaded by
+        dequantizing, ``workers/model/quantization.py``). Every other kind (AWQ, GPTQ,
+        bitsandbytes, compressed-tensors, per-tensor FP8, ...) is refused naming its field:
+        raymoe would read its packed weights as plain ones and drop the scales."""
+        from raymoe.workers.model.quantization import parse_quantization
+
+        return parse_quantization(self.data, self.path)
 
     def no_sliding_window(self) -> None:
         """Sliding-window attention is not implemented: refuse checkpoints that use it."""
