@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of the config's")
     parser.add_argument("--model-name", "--served-model-name", dest="model_name",
                         help="the name clients send as 'model' (default: the model directory's)")
+    parser.add_argument("--api-key", default=None,
+                        help="the API key clients must send (Authorization: Bearer KEY); visible to whoever can list "
+                             "processes: prefer --api-key-env")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                        help="of the replica's raymoe loggers and of Ray Serve's (default info)")
     parser.add_argument("--api-key-env", default="RAYMOE_API_KEY",
                         help="environment variable holding the API key; unset or empty: no key "
                              "(default RAYMOE_API_KEY)")
@@ -129,21 +134,24 @@ def drain(app_name: str, timeout_s: float, skip: threading.Event) -> None:
         _log(f"raymoe serve: drained in {time.monotonic() - started:.1f}s")
 
 
+def app_args(args: argparse.Namespace) -> dict:
+    """The application builder's arguments (``ServeArgs``) from the command line."""
+    out = {"config": str(args.config), "api_key_env": args.api_key_env, "log_level": args.log_level,
+           "request_timeout_s": args.request_timeout_s, "drain_timeout_s": args.drain_timeout_s}
+    for name in ("api_key", "chat_template", "model_name", "model", "expert_ranks", "layout", "dtype", "address"):
+        value = getattr(args, name, None)
+        if value is not None and value != "":
+            out[name] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from raymoe.cluster.config import DeploymentConfigError
     from raymoe.deploy.settings import ServeArgsError, settings_from_args
     from raymoe.workers.model.errors import RaymoeModelError
 
-    app_args = {"config": str(args.config), "api_key_env": args.api_key_env,
-                "request_timeout_s": args.request_timeout_s, "drain_timeout_s": args.drain_timeout_s,
-                **({"chat_template": args.chat_template} if args.chat_template else {})}
-    if args.model_name:
-        app_args["model_name"] = args.model_name
-    for name in ("model", "expert_ranks", "layout", "dtype", "address"):
-        if getattr(args, name, None) is not None:
-            app_args[name] = getattr(args, name)
     try:
-        settings = settings_from_args(app_args)
+        settings = settings_from_args(app_args(args))
         from raymoe.workers.model.checkpoint import Checkpoint  # torch: only once the arguments are good
 
         Checkpoint(settings.config.model, settings.config.moge_groups)  # a bad checkpoint fails here, before Ray

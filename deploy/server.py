@@ -39,6 +39,7 @@ class RaymoeServer:
     def __init__(self, settings: ServerSettings):
         from raymoe.cluster.coordinator import Deployment
 
+        logging.getLogger("raymoe").setLevel(settings.log_level.upper())
         config = settings.config
         self.engine = Deployment(config)  # Ray is already up in a replica: this joins it
         model = self.engine.model_config
@@ -100,4 +101,5 @@ def app_for(settings: ServerSettings) -> serve.Application:
     b = settings.config.batching
     return RaymoeServer.options(max_ongoing_requests=b.max_seqs + b.max_queue + HEADROOM_REQUESTS,
                                 graceful_shutdown_timeout_s=max(settings.drain_timeout_s, 1.0),
-                                graceful_shutdown_wait_loop_s=0.5).bind(settings)
+                                graceful_shutdown_wait_loop_s=0.5,
+                                logging_config={"log_level": settings.log_level.upper()}).bind(settings)

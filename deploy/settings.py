@@ -17,6 +17,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -53,6 +54,8 @@ class ServeArgs(BaseModel):
     layout: str | None = None
     dtype: str | None = None
     address: str | None = None
+    # the replica's "raymoe" loggers and Ray Serve's own (its LoggingConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class ServerSettings:
     request_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     chat_template: tuple[str, str] | None = None  # (its text, where it came from)
+    log_level: str = "info"
 
 
 def resolve_path(path: str, what: str) -> str:
@@ -96,7 +100,7 @@ def settings_from_args(args: dict) -> ServerSettings:
     config = config.replace(**changes)
     api_key = parsed.api_key or os.environ.get(parsed.api_key_env) or None
     return ServerSettings(config, parsed.model_name or Path(config.model).name, api_key, parsed.request_timeout_s,
-                          parsed.drain_timeout_s, _chat_template(parsed.chat_template))
+                          parsed.drain_timeout_s, _chat_template(parsed.chat_template), parsed.log_level)
 
 
 def _chat_template(value: str | None) -> tuple[str, str] | None:

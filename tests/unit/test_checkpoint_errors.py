@@ -235,3 +235,17 @@ def test_errors_survive_pickling(error):
 
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)
+
+
+def test_loading_and_the_finite_check_show_progress_on_request(ckpt, capsys):
+    """A bar on stderr over the tensors read (on by default only where stderr is a
+    terminal, so not here)."""
+    tensors = len(Checkpoint(ckpt).weight_map)
+    load_model(ckpt)
+    Checkpoint(ckpt).check_finite()
+    assert capsys.readouterr().err == ""
+    load_model(ckpt, progress=True)
+    Checkpoint(ckpt).check_finite(progress=True)
+    err = capsys.readouterr().err
+    assert f"loading {ckpt.name}" in err and f"{tensors}/{tensors}" in err
+    assert f"checking {ckpt.name} for NaN/Inf" in err

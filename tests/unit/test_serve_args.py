@@ -51,9 +51,7 @@ def test_serve_takes_the_model_and_the_main_choices_without_a_yaml_of_its_own(tm
                               "--dtype", "bfloat16", "--served-model-name", "mine", "--address", "auto"])
     assert (args.model, args.expert_ranks, args.layout, args.dtype, args.model_name) == \
         (str(tmp_path / "m"), 1, "coherent", "bfloat16", "mine")
-    settings = settings_from_args({"config": str(args.config), "model": args.model, "expert_ranks": 1,
-                                   "layout": "coherent", "dtype": "bfloat16", "address": "auto",
-                                   "model_name": args.model_name})
+    settings = settings_from_args(serve_cli.app_args(args))
     c = settings.config
     assert (c.model, c.expert_ranks, c.layout, c.dtype, c.ray.address) == \
         (str((tmp_path / "m").resolve()), 1, "coherent", "bfloat16", "auto")
@@ -65,6 +63,30 @@ def test_serve_takes_the_model_and_the_main_choices_without_a_yaml_of_its_own(tm
         settings_from_args({"config": str(args.config), "model": str(tmp_path / "nowhere")})
     with pytest.raises(ServeArgsError, match="expert_ranks"):
         settings_from_args({"config": str(args.config), "expert_ranks": 0})
+
+
+def test_serve_takes_an_api_key_and_a_log_level(tmp_path, monkeypatch):
+    """``--api-key`` wins over ``--api-key-env``'s variable; ``--log-level`` reaches the
+    replica's settings (its raymoe loggers and Ray Serve's LoggingConfig); a bad level is
+    refused by the parser, and by the builder naming ``log_level``."""
+    import argparse
+
+    from raymoe.deploy import serve_cli
+    from raymoe.deploy.server import app_for
+    from raymoe.deploy.settings import ServeArgsError, settings_from_args
+
+    monkeypatch.setenv("RAYMOE_API_KEY", "from-env")
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    plain = settings_from_args(serve_cli.app_args(parser.parse_args([])))
+    assert (plain.api_key, plain.log_level) == ("from-env", "info")
+    given = settings_from_args(serve_cli.app_args(parser.parse_args(["--api-key", "sk-1", "--log-level", "debug"])))
+    assert (given.api_key, given.log_level) == ("sk-1", "debug")
+    assert app_for(given)._bound_deployment.logging_config["log_level"] == "DEBUG"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-level", "verbose"])
+    with pytest.raises(ServeArgsError, match="log_level"):
+        settings_from_args({"config": str(serve_cli.DEFAULT_CONFIG), "log_level": "verbose"})
 
 
 def test_raymoe_and_raymoe_serve_print_the_installed_version(capsys):

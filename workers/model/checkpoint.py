@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from raymoe.workers.model.config import ModelConfig
 from raymoe.workers.model.decoder import MoEForCausalLM
@@ -162,13 +164,16 @@ class Checkpoint:
             raise CheckpointError(self.path / shard, f"tensor '{key}' cannot be read ({exc})",
                                   "the file is truncated or corrupt: download it again") from None
 
-    def check_finite(self) -> None:
+    def check_finite(self, progress: bool | None = None) -> None:
         """Scan every floating-point tensor of every shard for NaN and Inf values, one
         tensor in memory at a time (safetensors reads each lazily from its file); raise
-        NonFiniteWeightError naming the shard and the first bad tensor with its counts."""
+        NonFiniteWeightError naming the shard and the first bad tensor with its counts.
+        ``progress``: a bar on stderr (None: where stderr is a terminal)."""
         bad: list[tuple[str, str, int, int, int]] = []  # (shard, key, nan, inf, numel)
-        for shard in sorted(set(self.weight_map.values())):
-            for key in sorted(self._open(shard).keys()):
+        shards = sorted(set(self.weight_map.values()))
+        with _bar(len(self.weight_map), f"checking {self.path.name} for NaN/Inf", progress) as bar:
+            for shard, key in ((s, k) for s in shards for k in sorted(self._open(s).keys())):
+                bar.update()
                 value = self._read(shard, key)
                 if value.dtype in FP8_DTYPES.values():  # no isfinite for float8 (e4m3fn has NaN, no Inf)
                     value = value.float()
@@ -249,21 +254,35 @@ def _dense_keys(ckpt: Checkpoint, names) -> list[tuple[str, str]]:
     return pairs
 
 
+def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr,
+                disable=None if progress is None else not progress)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, moge_groups: int | None = None,
-               with_experts: bool = True, checkpoint: Checkpoint | None = None) -> MoEForCausalLM:
+               with_experts: bool = True, checkpoint: Checkpoint | None = None,
+               progress: bool | None = None) -> MoEForCausalLM:
     """Build the model of a checkpoint directory and fill every weight (routed experts
-    only when ``with_experts``)."""
+    only when ``with_experts``). ``progress``: a bar on stderr over the tensors read (None:
+    where stderr is a terminal)."""
     ckpt = checkpoint or Checkpoint(path, moge_groups)
     config = ckpt.config
     with torch.device("meta"):
         model = MoEForCausalLM(config, with_experts)
     model = model.to_empty(device="cpu").to(dtype)
     params = model.state_dict()
-    state = {name: ckpt.tensor(key, tuple(params[name].shape), dtype) for name, key in _dense_keys(ckpt, params)}
-    if with_experts:
-        for layer in config.moe_layer_ids:
-            gate_up, down = ckpt.expert_weights(layer, list(range(config.num_experts)), dtype)
-            state[f"model.layers.{layer}.mlp.experts.gate_up"] = gate_up
-            state[f"model.layers.{layer}.mlp.experts.down"] = down
+    dense = _dense_keys(ckpt, params)
+    experts = 3 * config.num_experts * len(config.moe_layer_ids) if with_experts else 0
+    with _bar(len(dense) + experts, f"loading {ckpt.path.name}", progress) as bar:
+        state = {}
+        for name, key in dense:
+            state[name] = ckpt.tensor(key, tuple(params[name].shape), dtype)
+            bar.update()
+        if with_experts:
+            for layer in config.moe_layer_ids:
+                gate_up, down = ckpt.expert_weights(layer, list(range(config.num_experts)), dtype)
+                state[f"model.layers.{layer}.mlp.experts.gate_up"] = gate_up
+                state[f"model.layers.{layer}.mlp.experts.down"] = down
+                bar.update(3 * config.num_experts)
     model.load_state_dict(state, strict=True)
     return model.eval()
