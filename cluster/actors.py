@@ -42,6 +42,7 @@ class ActorSet:
         self.config, self.plan, self.maps, self.declared_dtype = config, plan, maps, declared_dtype
         self.dtype_name, self.dtype_reason = resolve_dtype(config.dtype, declared_dtype, on_gpu=False)
         self.world = config.expert_ranks + (config.layout == "disaggregated")
+        self.quantization = (config.quantization.experts, config.quantization.group_size)
         self.actors: list = []
         self.standby = None  # an ExpertWorker holding no experts, or None
         self.placement_group = None
@@ -54,6 +55,9 @@ class ActorSet:
         c, res = self.config, self.config.resources
         self.gpus = self._gpus_per_actor(res.gpus_per_actor)
         self.dtype_name, self.dtype_reason = resolve_dtype(c.dtype, self.declared_dtype, on_gpu=self.gpus > 0)
+        if c.quantization.experts == "int4" and self.gpus:
+            raise DeploymentConfigError("quantization.experts", "int4", "int4 experts run on CPUs only (the CUDA "
+                                        "int4 kernel takes another packing, not built): use int8 on GPUs")
         if c.backend == "nccl" and self.gpus < 1:
             raise DeploymentConfigError("backend", "nccl", f"NCCL needs a whole GPU per actor and this deployment "
                                         f"gives each {self.gpus:g} (resources.gpus_per_actor, GPUs in the cluster); "
@@ -95,12 +99,13 @@ class ActorSet:
                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index))
         if c.layout == "coherent":  # every rank is a front-end and an expert rank
             return ray.remote(CoherentRank).options(**options).remote(
-                c.model, self.dtype, index, self.maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor)
+                c.model, self.dtype, index, self.maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor,
+                self.quantization)
         if index == 0:
             return ray.remote(FrontEnd).options(**options).remote(
                 c.model, self.dtype, self.maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor, 1)
         return ray.remote(ExpertWorker).options(**options).remote(
-            c.model, self.dtype, index - 1, self.maps, c.moge_groups, res.threads_per_actor)
+            c.model, self.dtype, index - 1, self.maps, c.moge_groups, res.threads_per_actor, self.quantization)
 
     def new_standby(self):
         """A spare ExpertWorker holding no experts, outside the placement group (it needs
@@ -111,7 +116,7 @@ class ActorSet:
                 all(without_ranks(self.maps, {r}) is None for r in range(c.expert_ranks)):
             return None
         return ray.remote(ExpertWorker).options(num_cpus=0, max_restarts=0, max_concurrency=CONCURRENCY).remote(
-            c.model, self.dtype, None, None, c.moge_groups, c.resources.threads_per_actor)
+            c.model, self.dtype, None, None, c.moge_groups, c.resources.threads_per_actor, self.quantization)
 
     def join_all(self) -> None:
         """Every actor joins new process groups, meeting at a fresh address on rank 0's node,

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from raymoe.workers.model.dtypes import CHOICES as DTYPES
+from raymoe.workers.model.quantized_experts import GROUP_SIZES as INT4_GROUP_SIZES
+from raymoe.workers.model.quantized_experts import MODES as EXPERT_QUANTIZATION
 from raymoe.workers.overlap import MODES as OVERLAP_MODES
 
 LAYOUTS = ("disaggregated", "coherent")
@@ -73,6 +75,12 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    experts: str = "none"  # none | int8 (per channel) | int4 (per group, CPU): routed experts' weights, at load
+    group_size: int = 32  # int4: input columns per scale (32, 64, 128 or 256)
+
+
+@dataclass(frozen=True)
 class DeploymentConfig:
     model: str
     dtype: str = "auto"  # or float32 / bfloat16 / float16; auto: workers/model/dtypes.py
@@ -84,6 +92,7 @@ class DeploymentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     backend: str = "auto"
     collective_timeout_s: float = 120.0
     check_finite: bool = False  # scan every weight for NaN/Inf before any actor starts; refuse if found
@@ -96,7 +105,7 @@ class DeploymentConfig:
 
 
 _SECTIONS = {"placement": PlacementConfig, "batching": BatchingConfig, "ray": RayConfig,
-             "resources": ResourcesConfig, "recovery": RecoveryConfig}
+             "resources": ResourcesConfig, "recovery": RecoveryConfig, "quantization": QuantizationConfig}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -142,6 +151,11 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
     """Bounds and choices of every field."""
     _check(isinstance(c.model, str) and bool(c.model), "model", c.model, "a model directory path", source)
     _check(c.dtype in DTYPES, "dtype", c.dtype, f"one of {list(DTYPES)}", source)
+    q = c.quantization
+    _check(q.experts in EXPERT_QUANTIZATION, "quantization.experts", q.experts, f"one of {list(EXPERT_QUANTIZATION)}",
+           source)
+    _check(q.group_size in INT4_GROUP_SIZES, "quantization.group_size", q.group_size,
+           f"one of {list(INT4_GROUP_SIZES)}", source)
     _check(c.moge_groups is None or (_is_int(c.moge_groups) and c.moge_groups >= 1), "moge_groups",
            c.moge_groups, "null or an integer >= 1", source)
     _check(c.layout in LAYOUTS, "layout", c.layout, f"one of {list(LAYOUTS)}", source)

@@ -17,6 +17,7 @@ from raymoe.workers.engine import Engine
 from raymoe.workers.generation_config import load_generation_config
 from raymoe.workers.model.checkpoint import Checkpoint
 from raymoe.workers.model.dtypes import checkpoint_dtype
+from raymoe.workers.model.quantized_experts import ExpertQuantizationError, check_quantizable
 from raymoe.workers.reference import eos_ids
 from raymoe.workers.scheduler import Scheduler
 from raymoe.workers.stats import RuntimeStats
@@ -60,6 +61,11 @@ class Deployment(Engine):
         if config.check_finite:
             ckpt.check_finite()
         self.model_config = model = ckpt.config
+        q = config.quantization
+        try:  # the dimensions the int4 kernel takes (where the actors run is checked when they start)
+            check_quantizable(q.experts, q.group_size, model.hidden_size, model.moe_intermediate_size, "cpu")
+        except ExpertQuantizationError as exc:
+            raise DeploymentConfigError(exc.field, exc.value, exc.fix) from None
         if plan is None:
             plan = resolve_plan(config, len(model.moe_layer_ids), model.num_experts)
         else:

@@ -114,6 +114,10 @@ class RayExecutor:
         were lost (an actor failed meanwhile: every actor restarts with the new plan)."""
         c = self.config
         check_pinning(c, plan)
+        if c.quantization.experts != "none":
+            raise DeploymentConfigError("quantization.experts", c.quantization.experts,
+                                        "a live plan change moves float expert weights; with quantized experts it "
+                                        "is not built: redeploy with the new plan")
         if c.ray.node_label and bundle_label_selectors(plan, c.layout, c.ray.node_label) \
                 != bundle_label_selectors(self.plan, c.layout, c.ray.node_label):
             raise DeploymentConfigError("placement.plan", "nodes", "a live plan change keeps every rank on its node; "

@@ -20,7 +20,7 @@ import torch
 from raymoe.workers.coherent_cache import CoherentKVCache
 from raymoe.workers.dispatch.coherent import CoherentMoE, Hosted
 from raymoe.workers.expert_map import LayerMap
-from raymoe.workers.experts import load_expert_stacks
+from raymoe.workers.experts import load_expert_stacks, refuse_quantized_move
 from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.checkpoint import Checkpoint, load_model
@@ -45,13 +45,14 @@ class CoherentOutput:
 
 class CoherentRank(RankActor):
     def __init__(self, model_path: str, dtype: torch.dtype, rank: int, maps: list[LayerMap], max_seqs: int,
-                 moge_groups: int | None = None, threads: int = 1):
+                 moge_groups: int | None = None, threads: int = 1, quantization: tuple[str, int] = ("none", 32)):
         super().__init__(threads)
+        self.quantization = quantization
         ckpt = Checkpoint(model_path, moge_groups)
         self.model = load_model(model_path, dtype, moge_groups, with_experts=False, checkpoint=ckpt).to(self.device)
         self.config, self.dtype, self.rank_index, self.max_seqs = ckpt.config, dtype, rank, max_seqs
         self.maps = [m.to(self.device) for m in maps]
-        self.stacks = load_expert_stacks(ckpt, maps, rank, dtype, self.device)
+        self.stacks = load_expert_stacks(ckpt, maps, rank, dtype, self.device, quantization)
         self.num_ranks = maps[0].num_ranks
 
     def join(self, backend: str, address: str, rank: int, world_size: int, timeout_s: float) -> int:
@@ -64,6 +65,7 @@ class CoherentRank(RankActor):
     @torch.inference_mode()
     def set_maps(self, maps: list[LayerMap]) -> MoveStats:
         """Take up a new plan: expert weights move between the ranks (``workers/replan.py``)."""
+        refuse_quantized_move(self.quantization)
         shape = (self.config.hidden_size, self.config.moe_intermediate_size)
         self.stacks, stats = move_experts(self.stacks, self.maps, maps, self.rank_index, 0, self.collectives, shape,
                                           self.dtype, self.device)

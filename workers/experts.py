@@ -15,6 +15,7 @@ from raymoe.workers.dispatch.wire import row_bytes
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.model.checkpoint import Checkpoint
 from raymoe.workers.model.experts import ExpertStack
+from raymoe.workers.model.quantized_experts import quantize_stack
 from raymoe.workers.rank import RankActor
 from raymoe.workers.replan import MoveStats, move_experts
 from raymoe.workers.stats import LayerTraffic
@@ -22,9 +23,11 @@ from raymoe.workers.step import WorkerStepStats
 
 
 def load_expert_stacks(ckpt: Checkpoint, maps: list[LayerMap], expert_rank: int, dtype: torch.dtype,
-                       device: torch.device) -> list[ExpertStack]:
+                       device: torch.device, quantization: tuple[str, int] = ("none", 32)) -> list:
     """One ``ExpertStack`` per MoE layer with this rank's slots, in slot order, read
-    straight from the checkpoint's shards (no other expert is loaded)."""
+    straight from the checkpoint's shards (no other expert is loaded); with
+    ``quantization`` ``(mode, group_size)`` other than none, a ``QuantizedExpertStack``
+    (``workers/model/quantized_experts.py``)."""
     config = ckpt.config
     stacks = []
     for layer, layer_map in zip(config.moe_layer_ids, maps):
@@ -32,8 +35,15 @@ def load_expert_stacks(ckpt: Checkpoint, maps: list[LayerMap], expert_rank: int,
         gate_up, down = ckpt.expert_weights(layer, experts, dtype)
         stack = ExpertStack(len(experts), config.hidden_size, config.moe_intermediate_size)
         stack.load_state_dict({"gate_up": gate_up, "down": down})
-        stacks.append(stack.to(device).eval())
+        stacks.append(quantize_stack(stack.to(device).eval(), *quantization))
     return stacks
+
+
+def refuse_quantized_move(quantization: tuple[str, int]) -> None:
+    """A live plan change moves expert weights as float tensors: not built for quantized ones."""
+    if quantization[0] != "none":
+        raise ValueError(f"a live plan change moves float expert weights; with quantization.experts "
+                         f"{quantization[0]} it is not built: redeploy with the new plan instead")
 
 
 class ExpertWorker(RankActor):
@@ -41,14 +51,15 @@ class ExpertWorker(RankActor):
     rank of a dead one whose experts all have replicas elsewhere (``cluster/coordinator.py``)."""
 
     def __init__(self, model_path: str, dtype: torch.dtype, expert_rank: int | None, maps: list[LayerMap],
-                 moge_groups: int | None = None, threads: int = 1):
+                 moge_groups: int | None = None, threads: int = 1, quantization: tuple[str, int] = ("none", 32)):
         super().__init__(threads)
+        self.quantization = quantization
         self.ckpt = Checkpoint(model_path, moge_groups)
         config = self.ckpt.config
         self.expert_rank, self.dtype, self.maps = expert_rank, dtype, maps
         self.hidden, self.top_k, self.inter = config.hidden_size, config.top_k, config.moe_intermediate_size
         self.row_bytes = row_bytes(config.hidden_size, config.top_k, dtype)
-        self.stacks = load_expert_stacks(self.ckpt, maps, expert_rank, dtype, self.device) \
+        self.stacks = load_expert_stacks(self.ckpt, maps, expert_rank, dtype, self.device, quantization) \
             if expert_rank is not None else []
 
     def hosted(self) -> list[int]:
@@ -63,7 +74,8 @@ class ExpertWorker(RankActor):
             if any(m.rank_experts[expert_rank] for m in maps):
                 raise ValueError(f"a standby cannot take expert rank {expert_rank}: it holds slots under these maps")
             self.expert_rank = expert_rank
-            self.stacks = load_expert_stacks(self.ckpt, maps, expert_rank, self.dtype, self.device)  # empty
+            self.stacks = load_expert_stacks(self.ckpt, maps, expert_rank, self.dtype, self.device,
+                                             self.quantization)  # empty
         elif [m.rank_experts[self.expert_rank] for m in maps] != [m.rank_experts[self.expert_rank] for m in self.maps]:
             raise ValueError(f"expert rank {self.expert_rank}: these maps change its slots; use set_maps")
         self.maps = maps
@@ -71,6 +83,7 @@ class ExpertWorker(RankActor):
     @torch.inference_mode()
     def set_maps(self, maps: list[LayerMap]) -> MoveStats:
         """Take up a new plan: expert weights move over the process group (``workers/replan.py``)."""
+        refuse_quantized_move(self.quantization)
         self.stacks, stats = move_experts(self.stacks, self.maps, maps, self.expert_rank, self.rank - self.expert_rank,
                                           self.collectives, (self.hidden, self.inter), self.dtype, self.device)
         self.maps = maps

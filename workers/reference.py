@@ -19,6 +19,7 @@ from raymoe.workers.model.checkpoint import Checkpoint, load_model
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.model.dtypes import DTYPES, checkpoint_dtype
 from raymoe.workers.model.dtypes import resolve as resolve_dtype
+from raymoe.workers.model.quantized_experts import quantize_model_experts
 from raymoe.workers.runner import ModelRunner
 from raymoe.workers.scheduler import Scheduler
 from raymoe.workers.stats import RuntimeStats, StepStats
@@ -94,16 +95,19 @@ class ReferenceEngine(Engine):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = "auto", moge_groups: int | None = None,
-                        **kwargs) -> "ReferenceEngine":
+                        expert_quantization: tuple[str, int] = ("none", 32), **kwargs) -> "ReferenceEngine":
         """The engine over a checkpoint directory, on the CPU. ``dtype``: a torch dtype, or a
         name of ``workers/model/dtypes.py`` (``auto``: what the checkpoint declares, as
-        that module resolves it on a CPU: float32)."""
+        that module resolves it on a CPU: float32). ``expert_quantization``: ``(mode,
+        group_size)`` of the routed experts (``workers/model/quantized_experts.py``), as a
+        deployment's ``quantization`` section."""
         if isinstance(dtype, str):
             name, why = resolve_dtype(dtype, checkpoint_dtype(Checkpoint(path, moge_groups).raw_config), on_gpu=False)
             log.info("reference engine: dtype %s (%s)", name, why)
             dtype = DTYPES[name]
         kwargs.setdefault("generation", load_generation_config(path))
-        return cls(load_model(path, dtype, moge_groups), load_tokenizer(path), **kwargs)
+        model = quantize_model_experts(load_model(path, dtype, moge_groups), *expert_quantization)
+        return cls(model, load_tokenizer(path), **kwargs)
 
     @property
     def recorder(self):

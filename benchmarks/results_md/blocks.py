@@ -17,6 +17,7 @@ VIEWS: dict[str, Callable[[list[Result]], str]] = {
     "placement": placement.placement_tables,
     "runtime": runtime.runtime_table,
     "step_overhead": runtime.step_overhead_table,
+    "quantized_experts": runtime.quantized_experts_table,
     "layouts": runtime.layouts_table,
     "serving": serving.serving_table,
     "compare": compare.compare_table,

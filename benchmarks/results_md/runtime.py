@@ -79,3 +79,23 @@ def step_overhead_table(results: list[Result]) -> str:
     floors = data.get("floors", {})
     floor = "; ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in floors.items())
     return md_table(header, out) + (f"\n\nTransport floor here: {floor}." if floor else "")
+
+
+def quantized_experts_table(results: list[Result]) -> str:
+    """One row per (model, variant): held-out perplexity (and against float32; random
+    models have none), routed-expert bytes (and against float32), decode ms per step per
+    batch (and against float32 of the same model)."""
+    data = results[0].data
+    rows = data["rows"]
+    batches = list(rows[0]["decode_ms"])
+    out = []
+    for r in rows:
+        base = next(b for b in rows if b["model"] == r["model"] and b["variant"] == "float32")
+        ms = [f"{r['decode_ms'][b]:.2f} ({r['decode_ms'][b] / base['decode_ms'][b]:.2f}x)" for b in batches]
+        quality = [f"{r['perplexity']:.3f}", f"{r['perplexity_vs_float32']:+.2%}"] if r["perplexity"] else ["-", "-"]
+        out.append([r["model"], r["variant"], *quality, f"{r['expert_bytes'] / 2**20:.2f}",
+                    f"{r['bytes_vs_float32']:.3f}", *ms])
+    table = md_table(["model", "variant", "perplexity", "vs float32", "expert MiB", "bytes vs float32",
+                      *(f"decode ms b={b}" for b in batches)], out)
+    return table + (f"\n\nPerplexity over {data['windows']} held-out windows of {data['seq_len']} tokens from "
+                    f"{', '.join(data['held_out'])}.")

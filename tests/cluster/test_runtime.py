@@ -78,6 +78,18 @@ def test_an_fp8_checkpoint_runs_distributed_as_in_one_process(ray_session, model
         assert lockstep(ref, dep) > 10
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_experts_run_distributed_as_in_one_process(ray_session, tiny_model, mode):
+    """quantization.experts: the expert ranks quantize their own slots at load as the
+    reference engine quantizes all of them, and compute the same bits."""
+    path = tiny_model("mixtral", seed=11, intermediate_size=64)  # int4 groups of 32 need I % 32 == 0
+    ref = ReferenceEngine.from_pretrained(path, expert_quantization=(mode, 32), max_seqs=4)
+    with deployment(path, 2, linear_plan(6, 2, 3), quantization={"experts": mode, "group_size": 32}) as dep:
+        assert lockstep(ref, dep) > 10
+        with pytest.raises(DeploymentConfigError, match="quantization.experts"):
+            dep.set_plan(random_plan(6, 2, 0, seed=1, layers=3))  # live moves carry float weights: refused
+
+
 def test_replicated_experts_equal_reference(ray_session, models):
     plan = random_plan(6, 3, 2, seed=4, layers=3)  # 8 slots: two experts have a second copy
     assert (plan.logcnt == 2).sum() == 6
