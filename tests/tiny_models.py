@@ -48,6 +48,11 @@ def hf_config(family: str, **overrides):
                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                                  n_group=4, topk_group=2, routed_scaling_factor=2.5, q_lora_rank=16,
                                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    elif family == "glm4_moe":
+        cfg = T.Glm4MoeConfig(**COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=24,
+                              num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                              first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                              norm_topk_prob=True, use_qk_norm=True, attention_bias=True)
     else:
         raise KeyError(family)
     for key, value in overrides.items():
@@ -55,7 +60,7 @@ def hf_config(family: str, **overrides):
     return cfg
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides):

@@ -26,7 +26,7 @@ def test_buckets():
             bucket_for(bad, 16)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # GQA, and MLA's latent cache
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "glm4_moe"])  # GQA, MLA's latent cache, partial RoPE
 def test_static_step_equals_the_ordinary_decode_step(tiny_model, family):
     model = load_model(tiny_model(family, seed=5), torch.float32)
     shapes, slots = cache_shapes(model.config), [2, 0, 1]  # slots out of order: the cache is gathered

@@ -145,8 +145,10 @@ class Attention(nn.Module):
         if c.qk_norm != "none" or c.clip_qkv is not None:
             qkv = self._norm_and_clip(qkv)
         heads = qkv.view(x.shape[0], h + 2 * g, d)
-        rope = _rope(batch, d, c.rope_theta, x.dtype, scaling=c.rope_scaling)
-        qk = apply_rope(heads[:, : h + g], rope)  # q and k in one rotation
+        r = c.rope_dim
+        rope = _rope(batch, r, c.rope_theta, x.dtype, scaling=c.rope_scaling)
+        qk = apply_rope(heads[:, : h + g], rope) if r == d else \
+            torch.cat((apply_rope(heads[:, : h + g, :r], rope), heads[:, : h + g, r:]), -1)  # partial RoPE (GLM)
         keys, values, length = _context(batch, qk[:, h:], heads[:, h + g :], cache, self.layer)
         out = _attend(batch, qk[:, :h], keys, values, length, d**-0.5)
         return self.o_proj(out.reshape(x.shape[0], -1))

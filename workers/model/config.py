@@ -79,6 +79,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_interleave: bool = False  # DeepSeek: rotary pairs are (x0, x1), (x2, x3), ...
     rope_scaling: RopeScaling | None = None  # long-context frequencies (workers/model/rope.py); None: default
+    partial_rotary_factor: float = 1.0  # GQA: RoPE rotates the first head_dim * this dims of each head (GLM-4.5: 0.5)
     max_position_embeddings: int = 4096
     attention: Literal["gqa", "mla"] = "gqa"
     mla: MLAConfig | None = None
@@ -108,7 +109,8 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+        """Dims of each query / key head that RoPE rotates."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else int(self.head_dim * self.partial_rotary_factor)
 
     def with_moge(self, groups: int) -> "ModelConfig":
         """The same model with MoGE routing over ``groups`` expert groups."""

@@ -7,10 +7,10 @@ from types import ModuleType
 
 from raymoe.workers.model.config import ModelConfig
 from raymoe.workers.model.errors import ConfigFieldError, UnsupportedModelError
-from raymoe.workers.model.families import deepseek, mixtral, olmoe, qwen_moe
+from raymoe.workers.model.families import deepseek, glm4_moe, mixtral, olmoe, qwen_moe
 from raymoe.workers.model.families.raw_config import RawConfig
 
-_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek)
+_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek, glm4_moe)
 FAMILY_BY_MODEL_TYPE: dict[str, ModuleType] = {t: f for f in _FAMILIES for t in f.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILY_BY_MODEL_TYPE))
 

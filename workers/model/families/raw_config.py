@@ -65,6 +65,15 @@ class RawConfig:
             raise ConfigFieldError(self.path, "rope_parameters.rope_theta", theta, "a positive number")
         return float(theta)
 
+    def partial_rotary_factor(self) -> float:
+        """The share of each head's dims RoPE rotates (GLM-4.5: 0.5): ``rope_parameters.
+        partial_rotary_factor`` (transformers 5) or the older top-level field; 1.0 if absent."""
+        params = self._rope_params()
+        factor = params.get("partial_rotary_factor", self.data.get("partial_rotary_factor", 1.0))
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise ConfigFieldError(self.path, "rope_parameters.partial_rotary_factor", factor, "a number in (0, 1]")
+        return float(factor)
+
     def rope_scaling(self) -> RopeScaling | None:
         """``rope_parameters`` (or the older ``rope_scaling``) beyond ``rope_theta``: None
         for default RoPE; linear, llama3 and yarn frequencies; any other type refused."""
