@@ -65,6 +65,7 @@ def _submission(service: ModelService, req: api.SamplingFields, prompts: list[li
 
 
 def plan_completion(service: ModelService, req: api.CompletionRequest) -> Submission:
+    service.check_fields(req.unknown_fields())
     service.check_model(req.model)
     _refuse_unsupported(req.unsupported_fields())
     prompts = service.encoder.completion_prompts(req.prompt)
@@ -75,6 +76,7 @@ def plan_completion(service: ModelService, req: api.CompletionRequest) -> Submis
 
 
 def plan_chat(service: ModelService, req: api.ChatCompletionRequest) -> Submission:
+    service.check_fields(req.unknown_fields())
     service.check_model(req.model)
     _refuse_unsupported(req.unsupported_fields())
     prompt = service.encoder.chat_prompt(req.message_dicts(), req.chat_template_kwargs)

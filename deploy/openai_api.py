@@ -34,7 +34,13 @@ class StreamOptions(_Strict):
 
 
 class SamplingFields(_Strict):
-    """Fields both endpoints share."""
+    """Fields both endpoints share. A request may carry fields raymoe does not know
+    (LangChain, LiteLLM and agent frameworks send OpenAI's newer ones: ``store``,
+    ``metadata``, ``parallel_tool_calls``, ...): they are kept aside (``unknown_fields``)
+    for the server to ignore with a warning, as vLLM does, or refuse in strict mode.
+    Fields inside messages stay strict."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1, description="the served model's name (GET /v1/models)")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate; prompt + max_tokens <= context")
@@ -53,6 +59,10 @@ class SamplingFields(_Strict):
     top_k: int | None = Field(None, ge=-1, description="extension: keep the k most likely tokens; 0 or -1 = off")
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence")
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = Field(None, description="extension")
+
+    def unknown_fields(self) -> list[str]:
+        """Top-level fields of the request that raymoe does not know, sorted."""
+        return sorted(self.model_extra or {})
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "processes: prefer --api-key-env")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                         help="of the replica's raymoe loggers and of Ray Serve's (default info)")
+    parser.add_argument("--strict-fields", action="store_true",
+                        help="refuse (400) a request field raymoe does not know; default: ignore it with a warning, "
+                             "as vLLM does")
     parser.add_argument("--api-key-env", default="RAYMOE_API_KEY",
                         help="environment variable holding the API key; unset or empty: no key "
                              "(default RAYMOE_API_KEY)")
@@ -137,6 +140,7 @@ def drain(app_name: str, timeout_s: float, skip: threading.Event) -> None:
 def app_args(args: argparse.Namespace) -> dict:
     """The application builder's arguments (``ServeArgs``) from the command line."""
     out = {"config": str(args.config), "api_key_env": args.api_key_env, "log_level": args.log_level,
+           "strict_fields": args.strict_fields,
            "request_timeout_s": args.request_timeout_s, "drain_timeout_s": args.drain_timeout_s}
     for name in ("api_key", "chat_template", "model_name", "model", "expert_ranks", "layout", "dtype", "address"):
         value = getattr(args, name, None)

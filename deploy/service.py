@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -45,6 +46,8 @@ from raymoe.placement.plan import PlacementPlan
 from raymoe.workers.engine import QueueFullError
 from raymoe.workers.sampling import SamplingParams
 from raymoe.workers.scheduler import RequestError
+
+log = logging.getLogger("raymoe.serve")
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,12 @@ class ModelService:
     """Runs on one asyncio loop (the replica's): ``_open`` is touched only from it."""
 
     def __init__(self, name: str, loop: EngineLoop, encoder: PromptEncoder, metrics: ServingMetrics,
-                 api_key: str | None = None, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S):
+                 api_key: str | None = None, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 strict_fields: bool = False):
+        """``strict_fields``: refuse a request with a field raymoe does not know (400), instead
+        of ignoring it with a warning."""
         self.name, self.loop, self.encoder, self.metrics = name, loop, encoder, metrics
+        self.strict_fields = strict_fields
         self._api_key = api_key.encode() if api_key else None
         self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
@@ -103,6 +110,16 @@ class ModelService:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
             raise unauthorized("invalid API key")
+
+    def check_fields(self, unknown: list[str]) -> None:
+        """A request's unknown top-level fields: ignored with one warning line naming them,
+        or, in strict mode, a 400 naming the first."""
+        if not unknown:
+            return
+        if self.strict_fields:
+            raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+        log.warning("ignoring request fields raymoe does not know: %s (--strict-fields refuses them)",
+                    ", ".join(unknown))
 
     def check_model(self, model: str) -> None:
         """The served name; an empty name (gRPC default) means this model."""

@@ -56,6 +56,8 @@ class ServeArgs(BaseModel):
     address: str | None = None
     # the replica's "raymoe" loggers and Ray Serve's own (its LoggingConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # a request field raymoe does not know: false (default): ignored with a warning, as vLLM; true: a 400
+    strict_fields: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class ServerSettings:
     drain_timeout_s: float = 30.0
     chat_template: tuple[str, str] | None = None  # (its text, where it came from)
     log_level: str = "info"
+    strict_fields: bool = False
 
 
 def resolve_path(path: str, what: str) -> str:
@@ -100,7 +103,8 @@ def settings_from_args(args: dict) -> ServerSettings:
     config = config.replace(**changes)
     api_key = parsed.api_key or os.environ.get(parsed.api_key_env) or None
     return ServerSettings(config, parsed.model_name or Path(config.model).name, api_key, parsed.request_timeout_s,
-                          parsed.drain_timeout_s, _chat_template(parsed.chat_template), parsed.log_level)
+                          parsed.drain_timeout_s, _chat_template(parsed.chat_template), parsed.log_level,
+                          parsed.strict_fields)
 
 
 def _chat_template(value: str | None) -> tuple[str, str] | None:

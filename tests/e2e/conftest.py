@@ -89,7 +89,7 @@ def serve_instance(ray_session):
 
 
 def _deploy(tmp_path_factory, serve_instance, model_dir: Path, app: str, prefix: str, batching: dict,
-            api_key: str | None, expert_ranks: int = 2) -> Server:
+            api_key: str | None, expert_ranks: int = 2, strict_fields: bool = False) -> Server:
     from ray import serve
 
     from raymoe.deploy.server import build_app
@@ -98,7 +98,8 @@ def _deploy(tmp_path_factory, serve_instance, model_dir: Path, app: str, prefix:
               "batching": {"max_seq_len": CONTEXT, **batching}}
     path = tmp_path_factory.mktemp(app) / "deployment.yaml"
     path.write_text(yaml.safe_dump(config))
-    args = {"config": str(path), "model_name": MODEL_NAME, **({"api_key": api_key} if api_key else {})}
+    args = {"config": str(path), "model_name": MODEL_NAME, "strict_fields": strict_fields,
+            **({"api_key": api_key} if api_key else {})}
     started = time.time()
     serve.run(build_app(args), name=app, route_prefix=prefix)
     print(f"\n[e2e] app {app!r} up in {time.time() - started:.1f}s")
@@ -116,7 +117,7 @@ def server(tmp_path_factory, serve_instance, chat_model) -> Server:
 @pytest.fixture(scope="package")
 def guarded_server(tmp_path_factory, serve_instance, chat_model) -> Server:
     return _deploy(tmp_path_factory, serve_instance, chat_model, "guarded", "/guarded",
-                   {"max_seqs": 2, "max_queue": 2}, GUARDED_KEY, expert_ranks=1)
+                   {"max_seqs": 2, "max_queue": 2}, GUARDED_KEY, expert_ranks=1, strict_fields=True)
 
 
 @pytest.fixture(scope="package")

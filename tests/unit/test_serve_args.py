@@ -65,7 +65,7 @@ def test_serve_takes_the_model_and_the_main_choices_without_a_yaml_of_its_own(tm
         settings_from_args({"config": str(args.config), "expert_ranks": 0})
 
 
-def test_serve_takes_an_api_key_and_a_log_level(tmp_path, monkeypatch):
+def test_serve_takes_an_api_key_a_log_level_and_strict_fields(tmp_path, monkeypatch):
     """``--api-key`` wins over ``--api-key-env``'s variable; ``--log-level`` reaches the
     replica's settings (its raymoe loggers and Ray Serve's LoggingConfig); a bad level is
     refused by the parser, and by the builder naming ``log_level``."""
@@ -79,9 +79,10 @@ def test_serve_takes_an_api_key_and_a_log_level(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)
     plain = settings_from_args(serve_cli.app_args(parser.parse_args([])))
-    assert (plain.api_key, plain.log_level) == ("from-env", "info")
-    given = settings_from_args(serve_cli.app_args(parser.parse_args(["--api-key", "sk-1", "--log-level", "debug"])))
-    assert (given.api_key, given.log_level) == ("sk-1", "debug")
+    assert (plain.api_key, plain.log_level, plain.strict_fields) == ("from-env", "info", False)
+    given = settings_from_args(serve_cli.app_args(parser.parse_args(["--api-key", "sk-1", "--log-level", "debug",
+                                                                     "--strict-fields"])))
+    assert (given.api_key, given.log_level, given.strict_fields) == ("sk-1", "debug", True)
     assert app_for(given)._bound_deployment.logging_config["log_level"] == "DEBUG"
     with pytest.raises(SystemExit):
         parser.parse_args(["--log-level", "verbose"])
