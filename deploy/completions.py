@@ -42,7 +42,10 @@ def _limits(req: api.SamplingFields, max_tokens: int | None, defaults: dict) -> 
                                                                                     api.DEFAULT_TEMPERATURE)
     return Limits(max_tokens=max_tokens, temperature=temperature,
                   top_p=req.top_p if req.top_p is not None else defaults.get("top_p", 1.0), top_k=top_k, seed=req.seed,
-                  stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos)
+                  stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                  presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                  repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+                  logit_bias=req.logit_bias, min_p=req.min_p or 0.0, min_tokens=req.min_tokens or 0)
 
 
 def _refuse_unsupported(fields: list[str]) -> None:

@@ -52,13 +52,20 @@ class SamplingFields(_Strict):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same tokens")
     user: str | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: null or {}")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="minus this once for a token in the output")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2,
+                                            description="minus this times the token's count in the output")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string) -> added to its logit, "
+                                                                  "in [-100, 100]")
     # extensions (vLLM's names)
     top_k: int | None = Field(None, ge=-1, description="extension: keep the k most likely tokens; 0 or -1 = off")
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence")
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = Field(None, description="extension")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension: a seen token's logit "
+                                             "divided (positive) or multiplied (negative) by it; 1 = off")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension: drop tokens below min_p times the "
+                                "most likely one's probability")
+    min_tokens: int | None = Field(None, ge=0, description="extension: no end-of-sequence or stop before this many")
 
     def unknown_fields(self) -> list[str]:
         """Top-level fields of the request that raymoe does not know, sorted."""
@@ -70,9 +77,7 @@ class SamplingFields(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def _common_unsupported(self) -> dict[str, Any]:
-        return {"presence_penalty": self.presence_penalty not in (None, 0),
-                "frequency_penalty": self.frequency_penalty not in (None, 0),
-                "logit_bias": bool(self.logit_bias)}
+        return {}
 
 
 Prompt = (Annotated[str, Field(description="text")] | list[str] | list[TokenId]

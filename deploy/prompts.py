@@ -33,6 +33,12 @@ class Limits:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None  # token id (as text, OpenAI's) -> bias
+    min_p: float = 0.0
+    min_tokens: int = 0
 
 
 def _check_unicode(text: str, param: str) -> None:
@@ -107,6 +113,20 @@ class PromptEncoder:
                            "invalid_request_error", param, "context_length_exceeded")
         return ids
 
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``{"token id": bias}`` -> sorted (id, bias) pairs; ids in the vocabulary,
+        biases in [-100, 100]."""
+        out = []
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or int(key) >= self.vocab_size:
+                raise invalid(f"'logit_bias' has key {key!r}: expected token ids in [0, {self.vocab_size}) as "
+                              "strings", "logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise invalid(f"'logit_bias' has {value!r} for token {key}: expected a number in [-100, 100]",
+                              "logit_bias")
+            out.append((int(key), float(value)))
+        return tuple(sorted(out))
+
     def sampling_params(self, limits: Limits, prompt_len: int, prompt_param: str = "prompt") -> SamplingParams:
         """``SamplingParams`` for one prompt; ``max_tokens`` must fit the context window."""
         room = self.context_len - prompt_len
@@ -130,6 +150,10 @@ class PromptEncoder:
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   top_k=limits.top_k, seed=limits.seed, stop=limits.stop,
-                                  stop_token_ids=limits.stop_token_ids, ignore_eos=limits.ignore_eos)
+                                  stop_token_ids=limits.stop_token_ids, ignore_eos=limits.ignore_eos,
+                                  presence_penalty=limits.presence_penalty, frequency_penalty=limits.frequency_penalty,
+                                  repetition_penalty=limits.repetition_penalty,
+                                  logit_bias=self._logit_bias(limits.logit_bias), min_p=limits.min_p,
+                                  min_tokens=limits.min_tokens)
         except SamplingParamsError as exc:
             raise from_engine_error(exc, prompt_param) from None

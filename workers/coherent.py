@@ -137,6 +137,7 @@ class CoherentRank(RankActor):
             return CoherentOutput({}, {}, [])
         seqs = seq_of[hosted.tokens[mine]].tolist()
         logits = self.model.logits(hosted.h[mine]).float().cpu()
-        chosen = sample(logits, [step.seqs[b].params for b in seqs], [step.seqs[b].generated for b in seqs])
+        chosen = sample(logits, [step.seqs[b].params for b in seqs], [step.seqs[b].generated for b in seqs],
+                        [step.seqs[b].history for b in seqs])
         keep = step.return_logits
         return CoherentOutput(dict(zip(seqs, chosen)), {b: logits[i] for i, b in enumerate(seqs)} if keep else {}, [])

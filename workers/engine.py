@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from raymoe.workers.model.errors import CheckpointError
-from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.sampling import History, SamplingParams
 from raymoe.workers.scheduler import Request, Scheduler, Sequence
 from raymoe.workers.step import SeqStep, StepInput, StepOutput
 from raymoe.workers.tokenizer import Tokenizer
@@ -131,8 +131,15 @@ class Engine:
         return StepResult(dict(zip(ids, out.tokens)), finished, logits)
 
     def _seq_step(self, seq: Sequence) -> SeqStep:
+        p = seq.request.params
+        history = History()
+        if not p.plain:
+            banned = tuple(sorted({*self.scheduler.eos_token_ids, *p.stop_token_ids})) \
+                if len(seq.output_ids) < p.min_tokens else ()
+            history = History(banned, tuple(seq.request.prompt_ids) if p.repetition_penalty != 1.0 else (),
+                              tuple(seq.output_ids) if p.penalized else ())
         return SeqStep(self._seq_of[seq.request.request_id], seq.slot, seq.pending, seq.cached,
-                       len(seq.output_ids), seq.request.params)
+                       len(seq.output_ids), p, history)
 
     def _completion(self, seq: Sequence) -> Completion:
         self._seq_of.pop(seq.request.request_id, None)

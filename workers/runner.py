@@ -57,7 +57,8 @@ class ModelRunner:
         else:
             logits, computed = self._forward(step, experts)
         logits = logits.float().cpu()
-        tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs])
+        tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs],
+                        [s.history for s in step.seqs])
         return tokens, logits, computed
 
     def _batch(self, seqs) -> ForwardBatch:

@@ -1,9 +1,20 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded.
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p, seeded;
+logit bias, presence / frequency / repetition penalties and a minimum length.
 
 Sampling is stateless: the n-th generated token of a request is drawn with a generator
-seeded from ``(seed, n)``. A seeded request therefore gives the same tokens whatever
-else shares its batch and whichever process samples it (any rank of the coherent
-layout, or a replay after a fault). Engines give unseeded requests a random seed.
+seeded from ``(seed, n)``, and what the penalties need (the request's prompt and output
+ids so far) travels with the step (``SeqStep``). A seeded request therefore gives the
+same tokens whatever else shares its batch and whichever process samples it (any rank of
+the coherent layout, or a replay after a fault). Engines give unseeded requests a random
+seed.
+
+The logits of a row go through, in vLLM's order: the ban of end-of-sequence and stop ids
+while fewer than ``min_tokens`` are generated; ``logit_bias`` (added); the repetition
+penalty (a logit of a token in the prompt or the output so far is divided by it when
+positive, multiplied when negative); the frequency penalty (minus it times the token's
+count in the output) and the presence penalty (minus it once if the token is in the
+output); then greedy argmax, or temperature, top-k, top-p, min-p (tokens below ``min_p``
+times the most likely one's probability dropped) and a draw.
 """
 
 from __future__ import annotations
@@ -34,6 +45,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # [-2, 2], OpenAI's
+    frequency_penalty: float = 0.0  # [-2, 2], OpenAI's
+    repetition_penalty: float = 1.0  # (0, 10]; 1 = off (vLLM's, over the prompt and the output)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit, in [-100, 100])
+    min_p: float = 0.0  # [0, 1]
+    min_tokens: int = 0  # end-of-sequence and stop ids are not sampled before this many tokens
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -46,20 +63,82 @@ class SamplingParams:
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
             ("seed", self.seed, self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
              "null or an integer in [0, 2**63)"),
+            ("presence_penalty", self.presence_penalty, _number_in(self.presence_penalty, -2, 2),
+             "a number in [-2, 2]"),
+            ("frequency_penalty", self.frequency_penalty, _number_in(self.frequency_penalty, -2, 2),
+             "a number in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty,
+             _number_in(self.repetition_penalty, 0, 10) and self.repetition_penalty > 0, "a number in (0, 10]"),
+            ("min_p", self.min_p, _number_in(self.min_p, 0, 1), "a number in [0, 1]"),
+            ("min_tokens", self.min_tokens, isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             "an integer >= 0"),
+            ("logit_bias", self.logit_bias, all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and
+                                                _number_in(b, -100, 100) for t, b in self.logit_bias),
+             "token ids >= 0, each with a bias in [-100, 100]"),
         ]
         for name, value, ok, expected in checks:
             if not ok or isinstance(value, bool):
                 raise SamplingParamsError(name, value, expected)
+        if self.min_tokens > self.max_new_tokens:
+            raise SamplingParamsError("min_tokens", self.min_tokens, f"at most max_new_tokens={self.max_new_tokens}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """The penalties need the output so far (and the repetition penalty the prompt)."""
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
+
+    @property
+    def plain(self) -> bool:
+        """Nothing changes the logits before temperature, top-k and top-p."""
+        return not (self.penalized or self.logit_bias or self.min_tokens)
 
     def with_seed(self) -> "SamplingParams":
         """These params with a random seed filled in, if none was given."""
         if self.seed is not None:
             return self
         return replace(self, seed=int(torch.randint(0, 2**62, (1,)).item()))
+
+
+def _number_in(value: object, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+@dataclass(frozen=True)
+class History:
+    """What a row's logits processors need: ``banned`` ids (end-of-sequence and stop ids
+    while under ``min_tokens``), and the prompt and output ids for the penalties (empty
+    when the request has none)."""
+
+    banned: tuple[int, ...] = ()
+    prompt: tuple[int, ...] = ()
+    output: tuple[int, ...] = ()
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: History) -> torch.Tensor:
+    """``logits [V]`` (float32) after the ban, the bias and the penalties (module docstring)."""
+    logits = logits.clone()
+    vocab = logits.shape[0]
+    if history.banned:
+        logits[torch.tensor([t for t in history.banned if t < vocab], dtype=torch.long)] = float("-inf")
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long)
+        logits[ids] += torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=torch.float32)
+    if params.repetition_penalty != 1.0 and (history.prompt or history.output):
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[torch.tensor(history.prompt + history.output, dtype=torch.long)] = True
+        penalty = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if (params.frequency_penalty or params.presence_penalty) and history.output:
+        counts = torch.bincount(torch.tensor(history.output, dtype=torch.long), minlength=vocab)[:vocab].float()
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    # a tiny repetition penalty divides a positive logit to inf: keep every logit a number
+    # (inf - inf would be nan, and one nan row would fail the whole batch's step)
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max / 4,
+                            neginf=float("-inf"))
 
 
 def token_generator(seed: int, index: int) -> torch.Generator:
@@ -76,6 +155,9 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p, and always the most likely token
@@ -99,12 +181,21 @@ def _argmax(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+           histories: list[History] | None = None) -> list[int]:
     """One token per row of ``logits [B, V]``; ``indices[b]`` is how many tokens row b's
-    request has generated before this one (seeded requests only)."""
-    greedy = _argmax(logits)
-    if all(p.greedy for p in params):
-        return greedy
+    request has generated before this one (seeded requests only); ``histories[b]``: what
+    its logits processors need (None: every request is ``plain``)."""
+    plain = [p.plain for p in params]
+    if all(plain):
+        greedy = _argmax(logits)
+        if all(p.greedy for p in params):
+            return greedy
+    else:
+        rows = logits.float().cpu()
+        logits = torch.stack([rows[b] if plain[b] else process_logits(rows[b], params[b], histories[b])
+                              for b in range(len(params))])
+        greedy = _argmax(logits)
     out = []
     for row, (p, index) in enumerate(zip(params, indices)):
         if p.greedy:

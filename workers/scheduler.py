@@ -138,8 +138,8 @@ class Scheduler:
         p = seq.request.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
-        if p.stop and _stop_string_ends_here(seq, token, p.stop):
-            return "stop"
+        if p.stop and _stop_string_ends_here(seq, token, p.stop) and len(seq.output_ids) >= p.min_tokens:
+            return "stop"  # (the search runs under min_tokens too: it keeps the decoder's state)
         if len(seq.output_ids) >= p.max_new_tokens or len(seq.all_ids) >= self.max_seq_len:
             return "length"
         return None

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.sampling import History, SamplingParams
 from raymoe.workers.stats import LayerTraffic, StepStats
 
 
@@ -21,6 +21,7 @@ class SeqStep:
     start: int
     generated: int
     params: SamplingParams
+    history: History = History()  # what its logits processors need (workers/sampling.py)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,22 @@ def test_quantized_experts_run_distributed_as_in_one_process(ray_session, tiny_m
             dep.set_plan(random_plan(6, 2, 0, seed=1, layers=3))  # live moves carry float weights: refused
 
 
+@pytest.mark.parametrize("layout", ["disaggregated", "coherent"])
+def test_penalties_bias_and_min_tokens_sample_as_in_one_process(ray_session, models, layout):
+    """The sampler's processors get what they need in the step message: the deployment
+    (front-end, or every coherent rank) samples exactly the reference engine's tokens
+    (greedy and seeded)."""
+    ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
+    params = [SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.4),
+              SamplingParams(max_new_tokens=12, temperature=0.9, seed=3, min_p=0.1, repetition_penalty=2.0,
+                             logit_bias=((7, 3.0),)),
+              SamplingParams(max_new_tokens=12, min_tokens=6, stop_token_ids=(7,), logit_bias=((7, 50.0),))]
+    with deployment(models["mixtral"], 2, linear_plan(6, 2, 3), layout=layout) as dep:
+        got = [dep.generate_ids([p], [sp])[0].output_ids for p, sp in zip(PROMPTS, params)]
+    want = [ref.generate_ids([p], [sp])[0].output_ids for p, sp in zip(PROMPTS, params)]
+    assert got == want and len(want[2]) == 7 and want[2][-1] == 7
+
+
 def test_replicated_experts_equal_reference(ray_session, models):
     plan = random_plan(6, 3, 2, seed=4, layers=3)  # 8 slots: two experts have a second copy
     assert (plan.logcnt == 2).sum() == 6

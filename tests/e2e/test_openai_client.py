@@ -133,3 +133,18 @@ def test_stop_string_cuts_the_text_streamed_or_not(client, server):
     chunks = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=30, temperature=0, stop=stop,
                                        stream=True, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].text for c in chunks) == cut
+
+
+def test_penalties_and_logit_bias_over_the_api(client, server, reference):
+    """OpenAI's presence/frequency penalties and logit_bias, and vLLM's repetition_penalty,
+    min_p and min_tokens: each is the reference engine's text with the same parameters."""
+    ids = reference.tokenizer.encode(PROMPT)
+    forced = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=5, temperature=0,
+                                       logit_bias={str(ids[0]): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == reference.tokenizer.decode([ids[0]] * 5)
+    params = dict(max_tokens=12, temperature=0, presence_penalty=0.7, frequency_penalty=1.2)
+    extra = {"repetition_penalty": 1.5, "min_tokens": 4, "min_p": 0.05, "ignore_eos": True}
+    got = client.completions.create(model=server.model, prompt=PROMPT, extra_body=extra, **params).choices[0].text
+    want = alone(reference, PROMPT, max_new_tokens=12, presence_penalty=0.7, frequency_penalty=1.2,
+                 repetition_penalty=1.5, min_tokens=4, min_p=0.05, ignore_eos=True)
+    assert got == want.text
