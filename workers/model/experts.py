@@ -6,6 +6,7 @@ Shapes: N = (token, expert) pairs, E = experts held here, D = hidden, I = expert
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,17 +83,7 @@ class ExpertStack(nn.Module):
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _loop(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert, a Python loop over the experts (never over tokens)."""
-        order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        sorted_x = x[order]
-        out = torch.empty_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                out[order[start : start + count]] = self._expert(expert, sorted_x[start : start + count])
-                start += count
-        return out
+        return per_expert(x, expert_ids, self.num_experts, self._expert)
 
     def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, one grouped GEMM per projection (offsets stay on the device)."""
@@ -103,6 +94,22 @@ class ExpertStack(nn.Module):
         gate, up = F.grouped_mm(x[order], self.gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         y = F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offsets)  # [N, D], sorted
         return torch.empty_like(x).index_copy_(0, order, y)
+
+
+def per_expert(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
+               run: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Rows sorted by expert, a Python loop over the experts (never over tokens):
+    ``run(expert, rows [n, D]) -> [n, D]`` once per expert with rows, in row order."""
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
+    sorted_x = x[order]
+    out = torch.empty_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            out[order[start : start + count]] = run(expert, sorted_x[start : start + count])
+            start += count
+    return out
 
 
 def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.workers.model.experts import ExpertStack
+from raymoe.workers.model.experts import ExpertStack, per_expert
 
 MODES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel takes
@@ -103,16 +103,7 @@ class QuantizedExpertStack(nn.Module):
         GEMM per expert and projection (the kernels compute every row alone)."""
         if x.shape[0] == 0:
             return torch.empty_like(x)
-        order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        sorted_x = x[order]
-        out = torch.empty_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                out[order[start:start + count]] = self._expert(expert, sorted_x[start:start + count])
-                start += count
-        return out
+        return per_expert(x, expert_ids, self.num_experts, self._expert)
 
 
 def check_quantizable(mode: str, group_size: int, hidden_size: int, intermediate_size: int, device) -> None:
