@@ -55,9 +55,9 @@ class ActorSet:
         c, res = self.config, self.config.resources
         self.gpus = self._gpus_per_actor(res.gpus_per_actor)
         self.dtype_name, self.dtype_reason = resolve_dtype(c.dtype, self.declared_dtype, on_gpu=self.gpus > 0)
-        if c.quantization.experts == "int4" and self.gpus:
-            raise DeploymentConfigError("quantization.experts", "int4", "int4 experts run on CPUs only (the CUDA "
-                                        "int4 kernel takes another packing, not built): use int8 on GPUs")
+        if c.quantization.experts != "none" and self.gpus:
+            raise DeploymentConfigError("quantization.experts", c.quantization.experts, "quantized experts run on "
+                                        "CPUs only (torch's CUDA weight-only kernels are not wired): use none on GPUs")
         if c.backend == "nccl" and self.gpus < 1:
             raise DeploymentConfigError("backend", "nccl", f"NCCL needs a whole GPU per actor and this deployment "
                                         f"gives each {self.gpus:g} (resources.gpus_per_actor, GPUs in the cluster); "

@@ -76,7 +76,7 @@ class RecoveryConfig:
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    experts: str = "none"  # none | int8 (per channel) | int4 (per group, CPU): routed experts' weights, at load
+    experts: str = "none"  # none | int8 (per channel) | int4 (per group): routed experts' weights, at load (CPU)
     group_size: int = 32  # int4: input columns per scale (32, 64, 128 or 256)
 
 

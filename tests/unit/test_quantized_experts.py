@@ -95,7 +95,8 @@ def test_quantized_experts_are_smaller():
     ("int3", 32, 64, 96, "cpu", "quantization.experts"),
     ("int4", 16, 64, 96, "cpu", "quantization.group_size"),
     ("int4", 64, 64, 96, "cpu", "quantization.group_size"),  # 96 is not a multiple of 64
-    ("int4", 32, 64, 96, "cuda", "quantization.experts"),  # no CUDA int4 packing
+    ("int4", 32, 64, 96, "cuda", "quantization.experts"),  # CPU kernels only
+    ("int8", 32, 64, 96, "cuda", "quantization.experts"),
 ])
 def test_what_the_kernels_cannot_take_is_refused_by_field(mode, group, hidden, inter, device, field):
     with pytest.raises(ExpertQuantizationError) as err:

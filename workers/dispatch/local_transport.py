@@ -123,7 +123,7 @@ class LocalTransport:
                 self._mail(outgoing, incoming)
                 return
             self._exchange(outgoing, incoming)
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, ValueError):  # ValueError: a peer sent another size
             self.close()  # the peers waiting on this rank fail now, not at their timeout
             raise
 
@@ -161,7 +161,7 @@ class LocalTransport:
                 received = {p: bytearray(counts[p] * row) for p in self.peers}
                 self._exchange({p: v for p, v in pieces.items() if len(v)},
                                {p: memoryview(b) for p, b in received.items() if len(b)})
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, ValueError):  # ValueError: a peer sent another size
             self.close()
             raise
         recv_splits = [send_splits[me] if r == me else counts[r] for r in range(self.world)]

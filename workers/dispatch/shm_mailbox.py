@@ -56,10 +56,23 @@ def usable() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and os.path.isdir("/dev/shm")
 
 
+def usable_cores() -> float:
+    """The cores this process may run on: its affinity, capped by a cgroup v2 CPU quota (a
+    container limited to 2 CPUs on a 16-core node sees 16 in its affinity)."""
+    cores = float(len(os.sched_getaffinity(0)))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def default_spin_s(world: int) -> float:
     """Spin while waiting only if every rank of the group can have a core to itself; a
     spinning rank on a shared core would take it from the rank it waits for."""
-    return 2e-3 if len(os.sched_getaffinity(0)) >= world else 0.0
+    return 2e-3 if usable_cores() >= world else 0.0
 
 
 def _pad(n: int) -> int:

@@ -3,12 +3,15 @@ EdgeMoE, QMoE and vLLM's weight-only modes keep them: the experts are most of an
 bytes, and decoding reads every active expert's weights once per token.
 
 - ``int8``: per output channel, symmetric: ``W[n, :] = q[n, :] * scale[n]``, q in
-  [-127, 127]; run by ``torch._weight_int8pack_mm`` (CPU and CUDA).
+  [-127, 127]; run by ``torch._weight_int8pack_mm``.
 - ``int4``: per group of ``group_size`` input columns, asymmetric: ``W[n, k] =
   (q[n, k] - 8) * scale[n, g] + zero[n, g]``, q in [0, 15], g = k // group_size; packed by
   ``torch._convert_weight_to_int4pack_for_cpu`` and run by
-  ``torch._weight_int4pack_mm_for_cpu`` (CPU only: its CUDA twin takes another packing,
-  not built). Group sizes 32, 64, 128 or 256; every matrix's rows a multiple of 16.
+  ``torch._weight_int4pack_mm_for_cpu``. Group sizes 32, 64, 128 or 256; every
+  matrix's rows a multiple of 16.
+
+Both run on CPUs only: torch's CUDA weight-only kernels take other packings and were
+neither wired nor measured here (no GPU), so quantized experts on GPUs are refused.
 
 Activations stay in the serving dtype; the kernels dequantize on the fly. A
 ``QuantizedExpertStack`` is built from an ``ExpertStack`` at load (``quantize_stack``)
@@ -75,10 +78,8 @@ class QuantizedExpertStack(nn.Module):
         self.mode, self.group_size, self.dtype = mode, group_size, dtype
         self._num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         for name, tensors in weights.items():
-            for index, tensor in enumerate(tensors):
+            for index, tensor in enumerate(tensors):  # expert e: weight at 2e, scales at 2e + 1
                 self.register_buffer(f"{name}_{index}", tensor)
-        self._matrices = {name: [getattr(self, f"{name}_{i}") for i in range(len(tensors))]
-                          for name, tensors in weights.items()}
 
     @property
     def num_experts(self) -> int:
@@ -89,7 +90,7 @@ class QuantizedExpertStack(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def _mm(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        weight, scales = self._matrices[name][2 * expert], self._matrices[name][2 * expert + 1]
+        weight, scales = getattr(self, f"{name}_{2 * expert}"), getattr(self, f"{name}_{2 * expert + 1}")
         if self.mode == "int8":
             return torch._weight_int8pack_mm(x, weight, scales)
         return torch._weight_int4pack_mm_for_cpu(x, weight, self.group_size, scales)
@@ -111,11 +112,13 @@ def check_quantizable(mode: str, group_size: int, hidden_size: int, intermediate
     these experts."""
     if mode not in MODES:
         raise ExpertQuantizationError("quantization.experts", mode, f"one of {list(MODES)}")
-    if mode != "int4":
+    if mode == "none":
         return
     if torch.device(device).type != "cpu":
-        raise ExpertQuantizationError("quantization.experts", mode, "int4 experts run on CPUs only (the CUDA int4 "
-                                      "kernel takes another packing, not built): use int8 on GPUs")
+        raise ExpertQuantizationError("quantization.experts", mode, "quantized experts run on CPUs only (torch's "
+                                      "CUDA weight-only kernels are not wired): use none on GPUs")
+    if mode != "int4":
+        return
     if group_size not in GROUP_SIZES:
         raise ExpertQuantizationError("quantization.group_size", group_size, f"one of {list(GROUP_SIZES)}")
     for name, size in (("hidden_size", hidden_size), ("moe_intermediate_size", intermediate_size)):
