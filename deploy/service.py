@@ -118,8 +118,9 @@ class ModelService:
             return
         if self.strict_fields:
             raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-        log.warning("ignoring request fields raymoe does not know: %s (--strict-fields refuses them)",
-                    ", ".join(unknown))
+        named = ", ".join(repr(name[:40]) for name in unknown[:10]) + (f" and {len(unknown) - 10} more"
+                                                                        if len(unknown) > 10 else "")
+        log.warning("ignoring request fields raymoe does not know: %s (--strict-fields refuses them)", named)
 
     def check_model(self, model: str) -> None:
         """The served name; an empty name (gRPC default) means this model."""

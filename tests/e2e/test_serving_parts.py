@@ -260,3 +260,24 @@ def test_cross_device_fraction_from_the_coherent_layouts_transitions():
     samples = metric_samples(m.render().decode())
     assert metric(samples, "raymoe_cross_device_fraction", layer=0) == pytest.approx(5 / 20)
     assert metric(samples, "raymoe_stayed_tokens_total", layer=0) == 15
+
+
+def test_unknown_fields_are_logged_once_capped_and_quoted(caplog):
+    """Lenient mode names the ignored fields in one warning line, quoted (a name cannot
+    forge a log line) and at most ten; strict mode refuses the first with a 400."""
+    import logging
+
+    from raymoe.deploy.errors import APIError
+    from raymoe.deploy.service import ModelService
+
+    lenient, strict = ModelService("m", None, None, None), ModelService("m", None, None, None, strict_fields=True)
+    names = ["evil\nINFO forged line"] + [f"f{i}" for i in range(12)]
+    with caplog.at_level(logging.WARNING, logger="raymoe.serve"):
+        lenient.check_fields(names)
+        lenient.check_fields([])
+    [record] = caplog.records
+    assert "'evil\\nINFO forged line'" in record.getMessage() and "\n" not in record.getMessage()
+    assert record.getMessage().count("'f") == 9 and "and 3 more" in record.getMessage()
+    with pytest.raises(APIError) as err:
+        strict.check_fields(["store"])
+    assert err.value.status == 400 and err.value.param == "store"
