@@ -23,6 +23,7 @@ Every row checks that it produced the reference's tokens. Runs on the embedded R
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -177,6 +178,8 @@ def _round_trips(rank: int, world: int, name: str, nbytes: int, repeats: int, sh
     from raymoe.workers.dispatch.local_transport import LocalTransport
 
     torch.set_num_threads(1)
+    if shared_memory:  # the rings with spinning readers, as where the ranks have cores to spare
+        os.environ["RAYMOE_SHARED_MEMORY"] = "1"
     t = LocalTransport.connect(name, rank, world, 30.0, shared_memory=shared_memory)
     per = nbytes // (world - 1)
     out_splits = [0] + [per] * (world - 1) if rank == 0 else [0] * world

@@ -14,8 +14,8 @@ all-to-all whose receive sizes are not known in advance (``all_to_all_v``): each
 travels behind an 8-byte row count on the same stream, so it costs one exchange where
 torch.distributed needs a split-size all-to-all first.
 
-Where every rank can have a core of its own, small pieces go through shared-memory rings
-instead (``shm_mailbox.py``: no system call while the receiver spins, about a quarter of
+Where every rank and the coordinator can have a core of their own (or
+``RAYMOE_SHARED_MEMORY=1``), small pieces go through shared-memory rings instead (``shm_mailbox.py``: no system call while the receiver spins, about a quarter of
 a socket round trip here); the sockets stay for large pieces and to tell a dead peer.
 
 Sockets are abstract (Linux: no file), named after the group's rendezvous; a peer that
@@ -53,8 +53,8 @@ class LocalTransport:
     def connect(cls, name: str, rank: int, world: int, timeout_s: float,
                 shared_memory: bool | None = None) -> "LocalTransport":
         """Build the mesh. All ranks must call this together with the same ``name`` and
-        ``shared_memory`` (None: where ``shm_mailbox`` is usable and every rank can have
-        a core, so a waiting rank spins). The lower rank of each pair listens, the higher
+        ``shared_memory`` (None: where ``shm_mailbox`` is usable and its readers may spin,
+        ``shm_mailbox.default_spin_s``). The lower rank of each pair listens, the higher
         connects."""
         def address(low: int, high: int) -> str:
             return f"\0raymoe-{name}-{low}-{high}"
@@ -87,7 +87,7 @@ class LocalTransport:
             peers[peer] = conn
         for sock in peers.values():
             sock.settimeout(timeout_s)
-        if shared_memory is None:  # it pays only where the waiting ranks can spin (module docstring)
+        if shared_memory is None:  # it pays only where the waiting ranks can spin (shm_mailbox.default_spin_s)
             shared_memory = shm_mailbox.usable() and shm_mailbox.default_spin_s(world) > 0
         boxes = Mailboxes.open(name, rank, world, peers) if shared_memory and world > 1 else None
         return cls(rank, world, peers, timeout_s, boxes)

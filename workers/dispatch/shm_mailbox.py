@@ -6,7 +6,9 @@ Why: on this project's 2-vCPU machine a Unix-socket dispatch + combine round tri
 about 80-100 us, most of it the wake-up of a process sleeping in ``recv`` on the other
 core; through shared memory, with the receiver spinning, it costs about 20 us of Python
 (``python -m raymoe.benchmarks.step_overhead``, floors). A disaggregated decode step makes
-two such exchanges per MoE layer.
+two such exchanges per MoE layer. Without spinning the rings are slower than the sockets
+(a doorbell costs the same wake-up, plus the lost-ring timeouts), so the transport uses
+them only where its readers may spin.
 
 Layout: each rank owns one segment (a file in /dev/shm, unlinked as soon as every peer has
 mapped it) holding one inbound ring per source rank: a 128-byte header and ``capacity``
@@ -23,8 +25,8 @@ overwrites. x86-64 keeps stores in order, loads in order, and loads before later
 that sees the new ``written`` sees its record. ``usable()`` says no elsewhere (other
 architectures use the sockets alone).
 
-Waiting: a reader spins for ``spin_s`` (only worth it when every rank of the group can
-have a core of its own), then sets ``waiting`` and sleeps in ``select`` on the ring's
+Waiting: a reader spins for ``spin_s`` (only worth it when every rank of the group and
+the coordinator can have a core of its own: ``default_spin_s``), then sets ``waiting`` and sleeps in ``select`` on the ring's
 doorbell, an eventfd it made and passed to the writer over the socket; a writer that,
 after storing ``written``, sees ``waiting`` rings it. x86 may let a load pass an earlier
 store, so writer and reader can each miss the other's store and the ring be lost: the
@@ -51,8 +53,14 @@ WRITTEN, READ, WAITING = 0, 8, 9  # int64 offsets in a header
 DEFAULT_CAPACITY = 256 << 10  # record bytes per ring: a decode step's pieces fit, a long prefill's go by socket
 
 
+ENV = "RAYMOE_SHARED_MEMORY"  # "1": rings with spinning readers whatever the cores; "0": sockets only
+
+
 def usable() -> bool:
-    """Shared-memory mailboxes need x86-64's memory order (see the module docstring) and /dev/shm."""
+    """Shared-memory mailboxes need x86-64's memory order (see the module docstring) and
+    /dev/shm, and are not switched off (``RAYMOE_SHARED_MEMORY=0``)."""
+    if os.environ.get(ENV) == "0":
+        return False
     return platform.machine() in ("x86_64", "AMD64") and os.path.isdir("/dev/shm")
 
 
@@ -70,9 +78,14 @@ def usable_cores() -> float:
 
 
 def default_spin_s(world: int) -> float:
-    """Spin while waiting only if every rank of the group can have a core to itself; a
-    spinning rank on a shared core would take it from the rank it waits for."""
-    return 2e-3 if usable_cores() >= world else 0.0
+    """Spin while waiting only if every rank of the group, and the coordinator that drives
+    its steps, can have a core to itself (or ``RAYMOE_SHARED_MEMORY=1`` says to): a
+    spinning rank on a shared core takes it from the process it waits for. Measured on
+    this project's 2-core machine: 2 spinning ranks made the e2e tests (Serve replicas,
+    proxies and clients beside them) 19% slower than sockets (234 s against 197 s)."""
+    if os.environ.get(ENV) == "1":
+        return 2e-3
+    return 2e-3 if usable_cores() >= world + 1 else 0.0
 
 
 def _pad(n: int) -> int:
