@@ -28,6 +28,7 @@ from raymoe.workers.experts import ExpertWorker
 from raymoe.workers.frontend import FrontEnd
 from raymoe.workers.model.dtypes import DTYPES
 from raymoe.workers.model.dtypes import resolve as resolve_dtype
+from raymoe.workers.model.quantized_experts import ExpertQuantizationError, check_device
 from raymoe.workers.process_group import data_plane, pick_backend
 
 log = logging.getLogger("raymoe")
@@ -55,9 +56,10 @@ class ActorSet:
         c, res = self.config, self.config.resources
         self.gpus = self._gpus_per_actor(res.gpus_per_actor)
         self.dtype_name, self.dtype_reason = resolve_dtype(c.dtype, self.declared_dtype, on_gpu=self.gpus > 0)
-        if c.quantization.experts != "none" and self.gpus:
-            raise DeploymentConfigError("quantization.experts", c.quantization.experts, "quantized experts run on "
-                                        "CPUs only (torch's CUDA weight-only kernels are not wired): use none on GPUs")
+        try:
+            check_device(c.quantization.experts, "cuda" if self.gpus else "cpu")
+        except ExpertQuantizationError as exc:
+            raise DeploymentConfigError(exc.field, exc.value, exc.fix) from None
         if c.backend == "nccl" and self.gpus < 1:
             raise DeploymentConfigError("backend", "nccl", f"NCCL needs a whole GPU per actor and this deployment "
                                         f"gives each {self.gpus:g} (resources.gpus_per_actor, GPUs in the cluster); "

@@ -76,9 +76,6 @@ class SamplingFields(_Strict):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def _common_unsupported(self) -> dict[str, Any]:
-        return {}
-
 
 Prompt = (Annotated[str, Field(description="text")] | list[str] | list[TokenId]
           | list[Annotated[list[TokenId], Field(description="token ids")]])
@@ -92,7 +89,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = Field(None, description="not supported: null")
 
     def unsupported_fields(self) -> list[str]:
-        flags = self._common_unsupported() | {
+        flags = {
             "echo": self.echo, "logprobs": self.logprobs is not None, "best_of": self.best_of not in (None, 1),
             "suffix": self.suffix is not None}
         return [name for name, bad in flags.items() if bad]
@@ -131,7 +128,7 @@ class ChatCompletionRequest(SamplingFields):
         None, description="extension (as in vLLM): more variables for the chat template, e.g. {'enable_thinking': false}")
 
     def unsupported_fields(self) -> list[str]:
-        flags = self._common_unsupported() | {
+        flags = {
             "logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs is not None,
             "response_format": self.response_format is not None and self.response_format.type != "text",
             "tools": bool(self.tools)}

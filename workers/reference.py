@@ -101,12 +101,13 @@ class ReferenceEngine(Engine):
         that module resolves it on a CPU: float32). ``expert_quantization``: ``(mode,
         group_size)`` of the routed experts (``workers/model/quantized_experts.py``), as a
         deployment's ``quantization`` section."""
+        ckpt = Checkpoint(path, moge_groups)
         if isinstance(dtype, str):
-            name, why = resolve_dtype(dtype, checkpoint_dtype(Checkpoint(path, moge_groups).raw_config), on_gpu=False)
+            name, why = resolve_dtype(dtype, checkpoint_dtype(ckpt.raw_config), on_gpu=False)
             log.info("reference engine: dtype %s (%s)", name, why)
             dtype = DTYPES[name]
         kwargs.setdefault("generation", load_generation_config(path))
-        model = quantize_model_experts(load_model(path, dtype, moge_groups), *expert_quantization)
+        model = quantize_model_experts(load_model(path, dtype, moge_groups, checkpoint=ckpt), *expert_quantization)
         return cls(model, load_tokenizer(path), **kwargs)
 
     @property

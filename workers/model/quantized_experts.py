@@ -70,13 +70,11 @@ def dequantize_int4(q: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> 
 class QuantizedExpertStack(nn.Module):
     """A layer's experts (any subset, as ``ExpertStack``) with int8 or int4 weights."""
 
-    def __init__(self, mode: str, weights: dict[str, list[torch.Tensor]], num_experts: int, hidden_size: int,
-                 intermediate_size: int, group_size: int, dtype: torch.dtype):
+    def __init__(self, mode: str, weights: dict[str, list[torch.Tensor]], num_experts: int, group_size: int):
         """``weights``: per matrix name (``gate_up``, ``down``), per expert, the packed
         weight and its scales, as ``quantize_stack`` makes them."""
         super().__init__()
-        self.mode, self.group_size, self.dtype = mode, group_size, dtype
-        self._num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.mode, self.group_size, self._num_experts = mode, group_size, num_experts
         for name, tensors in weights.items():
             for index, tensor in enumerate(tensors):  # expert e: weight at 2e, scales at 2e + 1
                 self.register_buffer(f"{name}_{index}", tensor)
@@ -107,6 +105,14 @@ class QuantizedExpertStack(nn.Module):
         return per_expert(x, expert_ids, self.num_experts, self._expert)
 
 
+def check_device(mode: str, device) -> None:
+    """Quantized experts (``mode`` other than none) run on CPUs only: torch's CUDA
+    weight-only kernels take other packings, not wired."""
+    if mode != "none" and torch.device(device).type != "cpu":
+        raise ExpertQuantizationError("quantization.experts", mode, "quantized experts run on CPUs only (torch's "
+                                      "CUDA weight-only kernels are not wired): use none on GPUs")
+
+
 def check_quantizable(mode: str, group_size: int, hidden_size: int, intermediate_size: int, device) -> None:
     """Raise ``ExpertQuantizationError`` naming the field when the kernels cannot take
     these experts."""
@@ -114,9 +120,7 @@ def check_quantizable(mode: str, group_size: int, hidden_size: int, intermediate
         raise ExpertQuantizationError("quantization.experts", mode, f"one of {list(MODES)}")
     if mode == "none":
         return
-    if torch.device(device).type != "cpu":
-        raise ExpertQuantizationError("quantization.experts", mode, "quantized experts run on CPUs only (torch's "
-                                      "CUDA weight-only kernels are not wired): use none on GPUs")
+    check_device(mode, device)
     if mode != "int4":
         return
     if group_size not in GROUP_SIZES:
@@ -148,7 +152,7 @@ def quantize_stack(stack: ExpertStack, mode: str, group_size: int = 32) -> Exper
                     q, scales = quantize_int4(w.cpu(), group_size)
                     packed, scales = torch._convert_weight_to_int4pack_for_cpu(q, 1), scales.to(dtype)
                 weights[name] += [packed.to(device), scales.to(device)]
-    return QuantizedExpertStack(mode, weights, experts, hidden, inter, group_size, dtype)
+    return QuantizedExpertStack(mode, weights, experts, group_size)
 
 
 def quantize_model_experts(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
