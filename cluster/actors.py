@@ -18,7 +18,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymoe.cluster.bootstrap import cluster_gpus, create_placement_group
-from raymoe.cluster.config import DeploymentConfig, DeploymentConfigError
+from raymoe.cluster.config import DeploymentConfig, DeploymentConfigError, memory_bytes
 from raymoe.cluster.multinode import bundle_label_selectors, check_pinning
 from raymoe.cluster.recovery import wait_all
 from raymoe.cluster.step_channels import StepChannels
@@ -28,6 +28,7 @@ from raymoe.workers.experts import ExpertWorker
 from raymoe.workers.frontend import FrontEnd
 from raymoe.workers.model.dtypes import DTYPES
 from raymoe.workers.model.dtypes import resolve as resolve_dtype
+from raymoe.workers.model.kv_cache import KVCacheBudgetError, KVLayout, kv_layout
 from raymoe.workers.model.quantized_experts import ExpertQuantizationError, check_device
 from raymoe.workers.process_group import data_plane, pick_backend
 
@@ -37,11 +38,15 @@ CONCURRENCY = 2  # the step loop + one Ray call at a time
 
 
 class ActorSet:
-    def __init__(self, config: DeploymentConfig, plan, maps: list[LayerMap], declared_dtype: str | None):
+    def __init__(self, config: DeploymentConfig, plan, maps: list[LayerMap], declared_dtype: str | None,
+                 cache_shapes: list):
         """``declared_dtype``: the checkpoint's (``workers/model/dtypes.checkpoint_dtype``), for
-        ``dtype: auto``, resolved at ``start`` once the actors' GPUs are known."""
+        ``dtype: auto``, resolved at ``start`` once the actors' GPUs are known; the KV pool
+        (``kv``) is sized from ``batching`` and ``cache_shapes`` in that dtype."""
         self.config, self.plan, self.maps, self.declared_dtype = config, plan, maps, declared_dtype
+        self.cache_shapes = cache_shapes
         self.dtype_name, self.dtype_reason = resolve_dtype(config.dtype, declared_dtype, on_gpu=False)
+        self.kv = self._kv_layout()  # refuses a budget too small for one sequence before anything starts
         self.world = config.expert_ranks + (config.layout == "disaggregated")
         self.quantization = (config.quantization.experts, config.quantization.group_size)
         self.actors: list = []
@@ -56,6 +61,7 @@ class ActorSet:
         c, res = self.config, self.config.resources
         self.gpus = self._gpus_per_actor(res.gpus_per_actor)
         self.dtype_name, self.dtype_reason = resolve_dtype(c.dtype, self.declared_dtype, on_gpu=self.gpus > 0)
+        self.kv = self._kv_layout()
         try:
             check_device(c.quantization.experts, "cuda" if self.gpus else "cpu")
         except ExpertQuantizationError as exc:
@@ -82,6 +88,14 @@ class ActorSet:
         log.info("%s deployment up: %d expert ranks, dtype %s (%s), backend %s, rendezvous %s",
                  c.layout, c.expert_ranks, self.dtype_name, self.dtype_reason, self.backend, self.rendezvous)
 
+    def _kv_layout(self) -> KVLayout:
+        b = self.config.batching
+        try:
+            return kv_layout(self.cache_shapes, DTYPES[self.dtype_name], memory_bytes(b.kv_cache_memory),
+                             b.max_seq_len, b.block_size)
+        except KVCacheBudgetError as exc:
+            raise DeploymentConfigError("batching.kv_cache_memory", b.kv_cache_memory, exc.fix) from None
+
     def _gpus_per_actor(self, requested) -> float:
         """``auto``: a whole GPU per actor when the cluster has enough, else an equal share
         of them (the actors then talk over gloo: NCCL refuses two ranks on one GPU)."""
@@ -101,11 +115,11 @@ class ActorSet:
                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index))
         if c.layout == "coherent":  # every rank is a front-end and an expert rank
             return ray.remote(CoherentRank).options(**options).remote(
-                c.model, self.dtype, index, self.maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor,
-                self.quantization)
+                c.model, self.dtype, index, self.maps, c.batching.max_seqs, self.kv, c.moge_groups,
+                res.threads_per_actor, self.quantization)
         if index == 0:
             return ray.remote(FrontEnd).options(**options).remote(
-                c.model, self.dtype, self.maps, c.batching.max_seqs, c.moge_groups, res.threads_per_actor, 1)
+                c.model, self.dtype, self.maps, c.batching.max_seqs, self.kv, c.moge_groups, res.threads_per_actor, 1)
         return ray.remote(ExpertWorker).options(**options).remote(
             c.model, self.dtype, index - 1, self.maps, c.moge_groups, res.threads_per_actor, self.quantization)
 

@@ -40,8 +40,12 @@ class PlacementConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_seqs: int = 16  # sequences decoded together (one KV-cache slot each)
+    max_seqs: int = 256  # sequences running together, their KV-cache blocks permitting
     max_seq_len: int = 1024  # prompt + generated tokens per sequence
+    max_num_batched_tokens: int = 2048  # tokens per step: a longer prompt is prefilled in chunks beside the decodes
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_memory: int | str | None = None  # KV-cache bytes per actor holding one ("4GiB"); None: 16 x max_seq_len
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     max_queue: int = 256  # waiting requests beyond which new ones are refused
     overlap: str = "auto"  # two micro-batches per decode step (disaggregated): auto (measured), on, off
     max_wait_s: float | None = None  # refuse a request whose expected wait for a KV slot is longer (None: no limit)
@@ -147,6 +151,22 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def memory_bytes(value: int | str | None) -> int | None:
+    """``batching.kv_cache_memory`` in bytes: an integer, or a number with a unit
+    ("512MiB", "4GiB", "2GB"); None stays None. ValueError on anything else."""
+    if value is None or _is_int(value):
+        return value
+    match = _MEMORY.match(value) if isinstance(value, str) else None
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(value)
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
 def validate(c: DeploymentConfig, source: str = "") -> None:
     """Bounds and choices of every field."""
     _check(isinstance(c.model, str) and bool(c.model), "model", c.model, "a model directory path", source)
@@ -174,6 +194,21 @@ def validate(c: DeploymentConfig, source: str = "") -> None:
     _check(_is_int(b.max_seq_len) and 2 <= b.max_seq_len <= 1 << 20, "batching.max_seq_len", b.max_seq_len,
            "an integer in [2, 1048576]", source)
     _check(_is_int(b.max_queue) and b.max_queue >= 1, "batching.max_queue", b.max_queue, "an integer >= 1", source)
+    _check(_is_int(b.max_num_batched_tokens) and 1 <= b.max_num_batched_tokens <= 1 << 20,
+           "batching.max_num_batched_tokens", b.max_num_batched_tokens,
+           "an integer in [1, 1048576] (tokens per step)", source)
+    _check(b.max_num_batched_tokens >= b.max_seqs, "batching.max_num_batched_tokens", b.max_num_batched_tokens,
+           f"at least batching.max_seqs ({b.max_seqs}): every running sequence's decode must fit one step", source)
+    _check(_is_int(b.block_size) and 1 <= b.block_size <= 1024, "batching.block_size", b.block_size,
+           "an integer in [1, 1024] (tokens per KV-cache block; 16 is the usual choice)", source)
+    try:
+        kv_bytes = memory_bytes(b.kv_cache_memory)
+    except ValueError:
+        kv_bytes = -1
+    _check(kv_bytes is None or kv_bytes >= 1, "batching.kv_cache_memory", b.kv_cache_memory,
+           "null (room for 16 sequences of batching.max_seq_len) or bytes per actor: an integer or a number "
+           "with a unit such as '512MiB' or '4GiB'", source)
+    _check(isinstance(b.prefix_caching, bool), "batching.prefix_caching", b.prefix_caching, "true or false", source)
     _check(b.max_wait_s is None or (_is_number(b.max_wait_s) and 0 < b.max_wait_s <= 3600), "batching.max_wait_s",
            b.max_wait_s, "null (no limit) or seconds in (0, 3600]", source)
     _check(b.overlap in OVERLAP_MODES, "batching.overlap", b.overlap,

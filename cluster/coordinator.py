@@ -15,6 +15,7 @@ from raymoe.cluster.ray_executor import RayExecutor
 from raymoe.cluster.recovery import Recovery
 from raymoe.workers.engine import Engine
 from raymoe.workers.generation_config import load_generation_config
+from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.checkpoint import Checkpoint
 from raymoe.workers.model.dtypes import checkpoint_dtype
 from raymoe.workers.model.quantized_experts import ExpertQuantizationError, check_quantizable
@@ -74,14 +75,17 @@ class Deployment(Engine):
         self.generation = load_generation_config(config.model)
         b = config.batching
         eos = eos_ids(model.eos_token_ids, tokenizer, model.vocab_size, self.generation.eos_token_ids)
-        scheduler = Scheduler(b.max_seqs, b.max_seq_len, eos, tokenizer, model.vocab_size)
-        super().__init__(RayExecutor(config, plan, checkpoint_dtype(ckpt.raw_config)), scheduler, tokenizer, b.max_queue)
+        self.executor = RayExecutor(config, plan, checkpoint_dtype(ckpt.raw_config), cache_shapes(model))
         connect(config.ray)
         try:
             self.executor.start()
         except BaseException:
             self.shutdown()
             raise
+        # the KV pool is sized once the actors' dtype is known (on GPUs `dtype: auto` may halve a token's bytes)
+        scheduler = Scheduler(b.max_seqs, b.max_seq_len, eos, tokenizer, model.vocab_size, self.executor.actors.kv,
+                              b.max_num_batched_tokens, b.prefix_caching)
+        super().__init__(self.executor, scheduler, tokenizer, b.max_queue)
 
     # -- what the executor holds ---------------------------------------------------------
     @property

@@ -34,11 +34,11 @@ from raymoe.workers.step import StepInput, StepOutput
 class RayExecutor:
     """Front-end + expert ranks (or coherent ranks) on Ray, running steps."""
 
-    def __init__(self, config: DeploymentConfig, plan, declared_dtype: str | None):
+    def __init__(self, config: DeploymentConfig, plan, declared_dtype: str | None, cache_shapes: list):
         self.config, self.plan = config, plan
         self.maps = layer_maps(plan)
         self.stats = RuntimeStats()
-        self.actors = ActorSet(config, plan, self.maps, declared_dtype)
+        self.actors = ActorSet(config, plan, self.maps, declared_dtype, cache_shapes)
         self.recovery = RecoveryPolicy(self.actors, config)
         self._attempts: dict[int, int] = {}  # step id -> recoveries so far
         self.overlap = OverlapRule(config.batching.overlap)  # two micro-batches per decode step, or not

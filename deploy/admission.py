@@ -8,13 +8,15 @@ Two limits, checked by the engine loop before a request joins the engine's queue
   this. The admitted requests' latency is then at most about ``max_wait_s`` plus their own
   generation time, however much load is offered.
 
-The expected wait is computed from what the engine already holds: a KV slot frees when
-its sequence has generated its last token, so each running sequence frees its slot after
-its remaining token budget (``max_new_tokens`` minus what it generated) in steps, and
-each waiting request, in order, takes the first slot to free and holds it for its own
-budget. Steps are turned into seconds with the measured step time. Sequences that stop
-early (end-of-sequence, stop strings) free their slots sooner, so the estimate errs
-toward refusing.
+The expected wait is computed from what the engine already holds: a sequence frees its
+block-table row and its KV-cache blocks when it has generated its last token, so each
+running sequence frees them after its remaining token budget (``max_new_tokens`` minus
+what it generated) in steps, holding by then the blocks of its whole length; each
+waiting request, in order, starts once a row and the blocks of its own whole length are
+free, and holds them for its budget. The new request needs a row and one block. Steps are
+turned into seconds with the measured step time. Sequences that stop early
+(end-of-sequence, stop strings) free theirs sooner, and shared prefix blocks free less
+than counted, so the estimate errs toward refusing.
 
 Pure functions (no engine, no clock): ``raymoe.deploy.engine_loop`` calls them on its thread.
 """
@@ -56,17 +58,36 @@ class AdmissionPolicy:
 
 
 def wait_steps(scheduler: Scheduler) -> int:
-    """Engine steps until one more request would get a KV slot (0: a slot is free for it)."""
-    limit = scheduler.max_seq_len
-    # when each slot frees, in steps from now: running sequences after their remaining budget, free slots now
-    frees = [max(1, min(s.request.params.max_new_tokens - len(s.output_ids), limit - len(s.all_ids)))
-             for s in scheduler.running]
-    frees += [0] * (scheduler.max_seqs - len(frees))
+    """Engine steps until one more request would get a block-table row and a KV block
+    (0: both are free for it now)."""
+    limit, size = scheduler.max_seq_len, scheduler.kv.block_size
+
+    def steps_left(seq) -> int:
+        return max(1, min(seq.request.params.max_new_tokens - len(seq.output_ids), limit - seq.num_tokens))
+
+    def blocks_at_end(seq) -> int:
+        return math.ceil(min(seq.num_tokens + seq.request.params.max_new_tokens - len(seq.output_ids), limit) / size)
+
+    rows = scheduler.max_seqs - len(scheduler.running)
+    blocks = scheduler.pool.num_free - sum(max(0, blocks_at_end(s) - len(s.blocks)) for s in scheduler.running)
+    frees = [(steps_left(s), max(blocks_at_end(s), len(s.blocks))) for s in scheduler.running]  # (step, blocks)
     heapq.heapify(frees)
-    for request in scheduler.waiting:  # in order, each takes the first slot to free
-        start = heapq.heappop(frees)
-        heapq.heappush(frees, start + max(1, min(request.params.max_new_tokens, limit - len(request.prompt_ids))))
-    return frees[0]
+    now = 0
+
+    def start(need: int) -> None:
+        """Advance ``now`` until a row and ``need`` blocks are free."""
+        nonlocal now, rows, blocks
+        while (rows < 1 or blocks < need) and frees:
+            now, freed = max(now, frees[0][0]), heapq.heappop(frees)[1]
+            rows, blocks = rows + 1, blocks + freed
+
+    for seq in scheduler.waiting:  # in order, each takes the first row and blocks to free
+        need = blocks_at_end(seq)
+        start(need)
+        rows, blocks = rows - 1, blocks - need
+        heapq.heappush(frees, (now + steps_left(seq), need))
+    start(1)
+    return now
 
 
 def refusal(policy: AdmissionPolicy, scheduler: Scheduler, step_s: float | None) -> QueueFullError | None:

@@ -67,9 +67,37 @@ class ServingMetrics:
                                           "group being whole again", buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300),
                                           registry=r)
         self._recoveries_seen = 0
+        self._kv_metrics(r)
         self._expert_metrics(r)
         self._rank_pairs: dict[int, list[int]] = {}  # MoE layer index -> cumulative pairs per rank
         self._transitions: dict[int, list[int]] = {}  # MoE layer index -> cumulative [hosted, stayed]
+
+    def _kv_metrics(self, r: CollectorRegistry) -> None:
+        self.kv_blocks_used = Gauge("raymoe_kv_blocks_used", "KV-cache blocks held by sequences", registry=r)
+        self.kv_blocks_total = Gauge("raymoe_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
+        self.kv_usage = Gauge("raymoe_kv_cache_usage_perc", "Fraction of the KV-cache blocks held (0 to 1)",
+                              registry=r)
+        self.prefix_queries = Counter("raymoe_prefix_cache_queries", "Prompt tokens of sequences that joined the "
+                                      "batch (looked up in the prefix cache)", registry=r)
+        self.prefix_hits = Counter("raymoe_prefix_cache_hits", "Of those, tokens found in cached blocks (their "
+                                   "prefill skipped)", registry=r)
+        self.preemptions = Counter("raymoe_preemptions", "Sequences preempted when the KV-cache pool ran out "
+                                   "(recomputed later)", registry=r)
+        self.step_kind_tokens = Histogram("raymoe_step_batched_tokens", "Tokens of one engine step, by kind "
+                                          "(prefill: prompt chunks; decode: one per decoding sequence)", ["kind"],
+                                          buckets=BATCH_BUCKETS + (2048, 4096, 8192), registry=r)
+        self._scheduler_seen = (0, 0, 0)  # (queried, hit, preemptions) already counted
+
+    def _kv_state(self, scheduler) -> None:
+        pool, stats = scheduler.pool, scheduler.stats
+        self.kv_blocks_used.set(pool.num_used)
+        self.kv_blocks_total.set(pool.num_blocks)
+        self.kv_usage.set(pool.num_used / pool.num_blocks)
+        queried, hit, preempted = self._scheduler_seen
+        self.prefix_queries.inc(stats.queried - queried)
+        self.prefix_hits.inc(stats.hit - hit)
+        self.preemptions.inc(stats.preemptions - preempted)
+        self._scheduler_seen = (stats.queried, stats.hit, stats.preemptions)
 
     def _expert_metrics(self, r: CollectorRegistry) -> None:
         self.rank_load = Counter("raymoe_expert_rank_load", "(token, expert) pairs each expert rank computed",
@@ -131,6 +159,11 @@ class ServingMetrics:
     def on_step(self, engine: Engine, result: StepResult, seconds: float) -> None:
         self.on_load(len(engine.scheduler.waiting), len(engine.scheduler.running))
         self.step_seconds.observe(seconds)
+        self._kv_state(engine.scheduler)
+        stats = engine.scheduler.stats  # the last step's prefill and decode tokens
+        if stats.prefill or stats.decode:
+            for kind in ("prefill", "decode"):
+                self.step_kind_tokens.labels(kind).observe(getattr(stats, kind))
         recoveries = getattr(engine, "recoveries", ())
         for record in recoveries[self._recoveries_seen:]:
             self.recoveries.inc()

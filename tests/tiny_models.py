@@ -139,7 +139,9 @@ def assert_kv_cache_walk_matches(hf, ours, prompt: list[int], prefill: int, max_
     from raymoe.workers.model.batch import ForwardBatch
     from raymoe.workers.reference import ReferenceEngine
 
-    engine = ReferenceEngine(ours, max_seqs=max_seqs)
+    engine = ReferenceEngine(ours, max_seqs=max_seqs, block_size=4)
+    cache = engine.runner.cache
+    cache.set_blocks(1, range(cache.layout.max_blocks, 0, -1))  # the sequence's 4-token blocks in reverse pool order
     with torch.no_grad():
         want = hf(torch.tensor([prompt])).logits[0]
         first = engine.model(ForwardBatch.build([prompt[:prefill]], [0], [1]), engine.runner.cache)

@@ -24,6 +24,7 @@ from raymoe.workers.experts import load_expert_stacks, refuse_quantized_move
 from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.checkpoint import Checkpoint, load_model
+from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.rank import RankActor
 from raymoe.workers.replan import MoveStats, move_experts
 from raymoe.workers.sampling import sample
@@ -45,19 +46,20 @@ class CoherentOutput:
 
 class CoherentRank(RankActor):
     def __init__(self, model_path: str, dtype: torch.dtype, rank: int, maps: list[LayerMap], max_seqs: int,
-                 moge_groups: int | None = None, threads: int = 1, quantization: tuple[str, int] = ("none", 32)):
+                 kv: KVLayout, moge_groups: int | None = None, threads: int = 1,
+                 quantization: tuple[str, int] = ("none", 32)):
         super().__init__(threads)
         self.quantization = quantization
         ckpt = Checkpoint(model_path, moge_groups)
         self.model = load_model(model_path, dtype, moge_groups, with_experts=False, checkpoint=ckpt).to(self.device)
-        self.config, self.dtype, self.rank_index, self.max_seqs = ckpt.config, dtype, rank, max_seqs
+        self.config, self.dtype, self.rank_index, self.max_seqs, self.kv = ckpt.config, dtype, rank, max_seqs, kv
         self.maps = [m.to(self.device) for m in maps]
         self.stacks = load_expert_stacks(ckpt, maps, rank, dtype, self.device, quantization)
         self.num_ranks = maps[0].num_ranks
 
     def join(self, backend: str, address: str, rank: int, world_size: int, timeout_s: float) -> int:
         super().join(backend, address, rank, world_size, timeout_s)
-        self.cache = CoherentKVCache(cache_shapes(self.config), self.max_seqs, self.dtype, self.device,
+        self.cache = CoherentKVCache(cache_shapes(self.config), self.max_seqs, self.kv, self.dtype, self.device,
                                      self.collectives)
         self.moe = CoherentMoE(self.maps, self.stacks, self.collectives, rank, self.config.top_k)
         return rank
@@ -78,6 +80,8 @@ class CoherentRank(RankActor):
         """One forward pass over the whole step. All ranks must run it together."""
         started = time.perf_counter()
         before = self.collectives.snapshot()
+        for s in step.seqs:
+            self.cache.set_blocks(s.slot, s.blocks)
         tokens, slots, positions, seq_of = self._flatten(step)
         self.cache.reserve(int(positions.max()) + 1)
         self.cache.begin_step(eager=any(len(s.tokens) > 1 for s in step.seqs))

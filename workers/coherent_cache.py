@@ -28,12 +28,13 @@ import torch
 
 from raymoe.workers.dispatch.collectives import Collectives
 from raymoe.workers.dispatch.wire import pack_parts, unpack_parts
-from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.kv_cache import KVCache, KVLayout
 
 
 class CoherentKVCache(KVCache):
-    def __init__(self, shapes, num_slots: int, dtype: torch.dtype, device, collectives: Collectives):
-        super().__init__(shapes, num_slots, dtype, device)
+    def __init__(self, shapes, num_slots: int, layout: KVLayout, dtype: torch.dtype, device,
+                 collectives: Collectives):
+        super().__init__(shapes, num_slots, layout, dtype, device)
         self.collectives = collectives  # purpose "kv_coherence": the row counts and the rows
         self.k_width = int(torch.tensor(shapes[0][0]).prod())
         self.v_width = int(torch.tensor(shapes[0][1]).prod())
@@ -46,10 +47,12 @@ class CoherentKVCache(KVCache):
         self.eager, self._pending = eager, []
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> None:
+              k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Store this rank's rows; with ``eager``, all ranks must call this for every layer
-        (except while ``replicated``: every rank then writes the same rows)."""
-        super().write(layer, slots, positions, k, v)
+        (except while ``replicated``: every rank then writes the same rows). Every rank
+        holds the same block tables (the step carries them), so a (slot, position) names
+        the same pool row everywhere."""
+        super().write(layer, slots, positions, k, v, rows)
         if self.replicated:
             return
         meta = torch.stack([torch.full_like(slots, layer), slots, positions], 1).to(torch.int32)

@@ -94,7 +94,7 @@ class Engine:
             try:
                 return self.executor.execute(step)
             except Replay:
-                self.scheduler.forget_kv(seqs)
+                self.scheduler.forget_kv()
                 step = StepInput(step.step_id, [self._seq_step(s) for s in seqs], return_logits)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -112,23 +112,24 @@ class Engine:
         return self.scheduler.has_work()
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request (e.g. its client went away); frees its KV-cache slot."""
-        found = any(r.request_id == request_id for r in self.scheduler.waiting) or any(
-            s.request.request_id == request_id for s in self.scheduler.running)
+        """Cancel a request (e.g. its client went away); frees its KV-cache blocks."""
+        found = any(s.request.request_id == request_id for s in (*self.scheduler.waiting, *self.scheduler.running))
         self.scheduler.abort(request_id)
         self._seq_of.pop(request_id, None)
         return found
 
     def step(self, return_logits: bool = False) -> StepResult:
-        """Run one step over every running sequence."""
+        """Run one step over the sequences the scheduler picks; the result names those
+        that sampled a token (a prompt chunk that ends before its prompt does samples none)."""
         seqs = self.scheduler.schedule()
         if not seqs:
             return StepResult({}, [], {})
         out = self._execute(seqs, return_logits)
-        ids = [s.request.request_id for s in seqs]
-        logits = {rid: out.logits[i] for i, rid in enumerate(ids)} if return_logits else {}
+        sampled = [i for i, s in enumerate(seqs) if s.samples]
+        ids = {i: seqs[i].request.request_id for i in sampled}
+        logits = {rid: out.logits[i] for i, rid in ids.items()} if return_logits else {}
         finished = [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)]
-        return StepResult(dict(zip(ids, out.tokens)), finished, logits)
+        return StepResult({rid: out.tokens[i] for i, rid in ids.items()}, finished, logits)
 
     def _seq_step(self, seq: Sequence) -> SeqStep:
         p = seq.request.params
@@ -139,7 +140,7 @@ class Engine:
             history = History(banned, tuple(seq.request.prompt_ids) if p.repetition_penalty != 1.0 else (),
                               tuple(seq.output_ids) if p.penalized else ())
         return SeqStep(self._seq_of[seq.request.request_id], seq.slot, seq.pending, seq.cached,
-                       len(seq.output_ids), p, history)
+                       len(seq.output_ids), p, history, tuple(seq.blocks))
 
     def _completion(self, seq: Sequence) -> Completion:
         self._seq_of.pop(seq.request.request_id, None)

@@ -15,6 +15,7 @@ from raymoe.workers.dispatch.collectives import Collectives
 from raymoe.workers.dispatch.disaggregated import Packed, exchange_outputs, exchange_tokens, pack, unpack
 from raymoe.workers.expert_map import LayerMap
 from raymoe.workers.model.checkpoint import load_model
+from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.model.router import Routing
 from raymoe.workers.rank import RankActor
 from raymoe.workers.replan import MoveStats, move_experts
@@ -83,11 +84,11 @@ class DispatchingExperts:
 
 
 class FrontEnd(RankActor):
-    def __init__(self, model_path: str, dtype: torch.dtype, maps: list[LayerMap], max_seqs: int,
+    def __init__(self, model_path: str, dtype: torch.dtype, maps: list[LayerMap], max_seqs: int, kv: KVLayout,
                  moge_groups: int | None = None, threads: int = 1, expert_base: int = 1):
         super().__init__(threads)
         model = load_model(model_path, dtype, moge_groups, with_experts=False).to(self.device)
-        self.runner = ModelRunner(model, max_seqs, self.device)
+        self.runner = ModelRunner(model, max_seqs, kv, self.device)
         self.dtype, self.expert_base = dtype, expert_base
         self.maps = [m.to(self.device) for m in maps]
         self.expert_shape = (model.config.hidden_size, model.config.moe_intermediate_size)

@@ -15,10 +15,12 @@ import torch
 
 from raymoe.workers.engine import Engine
 from raymoe.workers.generation_config import GenerationDefaults, load_generation_config
+from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.checkpoint import Checkpoint, load_model
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.model.dtypes import DTYPES, checkpoint_dtype
 from raymoe.workers.model.dtypes import resolve as resolve_dtype
+from raymoe.workers.model.kv_cache import KVLayout, kv_layout
 from raymoe.workers.model.quantized_experts import quantize_model_experts
 from raymoe.workers.runner import ModelRunner
 from raymoe.workers.scheduler import Scheduler
@@ -42,9 +44,9 @@ class LocalExecutor:
     """The whole model in this process: ``ModelRunner`` with the routed experts run here
     (or by ``experts()``, a fresh ``ExpertExecutor`` per step: the baselines' hook)."""
 
-    def __init__(self, model: MoEForCausalLM, max_seqs: int, experts: Callable[[], ExpertExecutor] | None = None,
-                 graph_window: int | None = None):
-        self.runner = ModelRunner(model, max_seqs, next(model.parameters()).device, graph_window)
+    def __init__(self, model: MoEForCausalLM, max_seqs: int, kv: KVLayout,
+                 experts: Callable[[], ExpertExecutor] | None = None, cuda_graphs: bool = False):
+        self.runner = ModelRunner(model, max_seqs, kv, next(model.parameters()).device, cuda_graphs)
         self.experts = experts
         self.stats = RuntimeStats()
         self.steps: list[tuple[ExpertExecutor | None, float, int]] = []  # (experts, seconds, tokens) per step
@@ -65,7 +67,11 @@ class LocalExecutor:
 class ReferenceEngine(Engine):
     """Generates with one model on one process.
 
-    ``max_seqs`` sequences decode together; more requests wait and join as others finish.
+    ``max_seqs`` sequences run together, their KV-cache blocks permitting; more requests
+    wait and join as others finish. The KV cache and the scheduling options are a
+    deployment's ``batching`` section (docs/serving.md): ``kv_cache_memory`` (bytes;
+    None: room for 16 sequences of ``max_seq_len``), ``block_size``,
+    ``max_num_batched_tokens`` (None: no chunked prefill) and ``prefix_caching``.
     ``cuda_graphs``: decode steps replay CUDA graphs captured per batch-size bucket
     (``workers/model/static_decode.py``; the model must be on a CUDA device; not yet
     measured on a GPU).
@@ -73,17 +79,20 @@ class ReferenceEngine(Engine):
 
     def __init__(self, model: MoEForCausalLM, tokenizer: Tokenizer | None = None, max_seqs: int = 16,
                  max_seq_len: int | None = None, experts: Callable[[], ExpertExecutor] | None = None,
-                 cuda_graphs: bool = False, generation: GenerationDefaults | None = None):
+                 cuda_graphs: bool = False, generation: GenerationDefaults | None = None,
+                 kv_cache_memory: int | None = None, block_size: int = 16,
+                 max_num_batched_tokens: int | None = 2048, prefix_caching: bool = True):
         config = model.config
         self.model = model
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
         self.generation = generation or GenerationDefaults()
         self.eos_token_ids = eos_ids(config.eos_token_ids, tokenizer, config.vocab_size,
                                      self.generation.eos_token_ids)
-        scheduler = Scheduler(max_seqs, self.max_seq_len, self.eos_token_ids,
-                              tokenizer, config.vocab_size)
-        window = self.max_seq_len if cuda_graphs else None
-        super().__init__(LocalExecutor(model, max_seqs, experts, window), scheduler, tokenizer)
+        kv = kv_layout(cache_shapes(config), next(model.parameters()).dtype, kv_cache_memory, self.max_seq_len,
+                       block_size)
+        scheduler = Scheduler(max_seqs, self.max_seq_len, self.eos_token_ids, tokenizer, config.vocab_size, kv,
+                              max_num_batched_tokens, prefix_caching)
+        super().__init__(LocalExecutor(model, max_seqs, kv, experts, cuda_graphs), scheduler, tokenizer)
 
     @property
     def runner(self) -> ModelRunner:

@@ -11,7 +11,7 @@ import torch
 from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
-from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.kv_cache import KVCache, KVLayout
 from raymoe.workers.model.static_decode import DecodeGraphs
 from raymoe.workers.overlap import SplitExperts, two_batch_forward
 from raymoe.workers.sampling import sample
@@ -20,24 +20,20 @@ from raymoe.workers.trace import TraceRecorder
 
 
 class ModelRunner:
-    """Holds the model and the KV cache (one slot per sequence).
+    """Holds the model and the paged KV cache (``max_seqs`` block-table rows over the
+    pool of ``layout``; a step's sequences bring their block tables).
 
-    ``graph_window``: replay decode steps from CUDA graphs (``workers/model/static_decode.py``)
-    over a cache of that many positions, reserved up front, plus a slot for padding rows;
-    CUDA only, and only where the routed experts run in this process."""
+    ``cuda_graphs``: replay decode steps from CUDA graphs (``workers/model/static_decode.py``)
+    over the block tables' whole capacity, with one more row for padding; CUDA only, and
+    only where the routed experts run in this process."""
 
-    def __init__(self, model: MoEForCausalLM, max_seqs: int, device: torch.device | str = "cpu",
-                 graph_window: int | None = None):
+    def __init__(self, model: MoEForCausalLM, max_seqs: int, layout: KVLayout, device: torch.device | str = "cpu",
+                 cuda_graphs: bool = False):
         self.model, self.device = model, torch.device(device)
         self.config = model.config
         dtype = next(model.parameters()).dtype
-        self.graphs: DecodeGraphs | None = None
-        if graph_window is None:
-            self.cache = KVCache(cache_shapes(self.config), max_seqs, dtype, self.device)
-        else:
-            self.cache = KVCache(cache_shapes(self.config), max_seqs + 1, dtype, self.device,
-                                 initial_capacity=graph_window)
-            self.graphs = DecodeGraphs(model, self.cache, max_seqs)
+        self.cache = KVCache(cache_shapes(self.config), max_seqs + int(cuda_graphs), layout, dtype, self.device)
+        self.graphs = DecodeGraphs(model, self.cache, max_seqs) if cuda_graphs else None
         self.recorder: TraceRecorder | None = None
 
     def record_trace(self, enabled: bool) -> None:
@@ -48,6 +44,8 @@ class ModelRunner:
         """Sampled tokens (one per sequence), last-token logits ``[B, V]`` (float32, CPU),
         and the number of tokens computed. A step with two ``micro_batches`` runs them
         interleaved (``workers/overlap.py``): ``experts`` must then be a ``SplitExperts``."""
+        for s in step.seqs:
+            self.cache.set_blocks(s.slot, s.blocks)
         if len(step.micro_batches) == 2:
             logits, computed = self._forward_two(step, experts)
         elif self.graphs is not None and experts is None and self.recorder is None and step.decode:

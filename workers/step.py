@@ -13,7 +13,8 @@ from raymoe.workers.stats import LayerTraffic, StepStats
 @dataclass(frozen=True)
 class SeqStep:
     """One sequence's part of a step: its pending tokens, fed from position ``start``;
-    ``generated`` tokens of it were sampled before this step."""
+    ``generated`` tokens of it were sampled before this step. ``slot``: its row of the
+    block tables; ``blocks``: its KV-cache blocks in position order (``workers/model/kv_cache.py``)."""
 
     seq_id: int
     slot: int
@@ -22,6 +23,7 @@ class SeqStep:
     generated: int
     params: SamplingParams
     history: History = History()  # what its logits processors need (workers/sampling.py)
+    blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ VIEWS: dict[str, Callable[[list[Result]], str]] = {
     "runtime": runtime.runtime_table,
     "step_overhead": runtime.step_overhead_table,
     "quantized_experts": runtime.quantized_experts_table,
+    "paged_kv": runtime.paged_kv_table,
     "layouts": runtime.layouts_table,
     "serving": serving.serving_table,
     "compare": compare.compare_table,

@@ -99,3 +99,39 @@ def quantized_experts_table(results: list[Result]) -> str:
                       *(f"decode ms b={b}" for b in batches)], out)
     return table + (f"\n\nPerplexity over {data['windows']} held-out windows of {data['seq_len']} tokens from "
                     f"{', '.join(data['held_out'])}.")
+
+
+def paged_kv_table(results: list[Result]) -> str:
+    """Three tables: closed-loop throughput per engine and client count (with the ratio to
+    the 16-slot baseline and KV bytes), TTFT with a shared prefix, and the streams'
+    inter-token latency while a long prompt is prefilled."""
+    data = results[0].data
+    rows = data["throughput"]
+    out = []
+    for r in rows:
+        base = next(b for b in rows if b["clients"] == r["clients"] and b["engine"] == "slots (16)")
+        out.append([r["clients"], r["engine"], f"{r['tokens_per_s']:.0f}",
+                    f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+                    f"{r['kv_allocated_bytes'] / 2**20:.1f}", f"{r['kv_held_per_seq_bytes'] / 2**10:.0f}"])
+    parts = [md_table(["clients", "engine", "output tok/s", "vs 16 slots", "KV MiB allocated",
+                       "KV KiB held per running sequence"], out)]
+    parts.append(md_table(["decode batch", "slots ms/step", "paged ms/step", "paged vs slots"],
+                          [[r["batch"], f"{r['slots']:.2f}", f"{r['paged']:.2f}", f"{r['paged'] / r['slots']:.2f}x"]
+                           for r in data["decode_ms"]]))
+    parts.append(md_table(["16 sequences, one of 992 tokens, 15 of 64", "KV MiB allocated",
+                           "KV KiB held per running sequence"],
+                          [[name, f"{r['kv_allocated_bytes'] / 2**20:.1f}", f"{r['kv_held_per_seq_bytes'] / 2**10:.0f}"]
+                           for name, r in data["memory"].items()]))
+    ttft = data["prefix_ttft"]
+    cold = ttft["paged, no prefix caching"]["ttft_s"]
+    parts.append(md_table(["engine", "TTFT ms (median of 5)", "speed-up over paged without prefix caching"],
+                          [[name, f"{r['ttft_s'] * 1e3:.1f}", f"{cold / r['ttft_s']:.2f}x"]
+                           for name, r in ttft.items()]))
+    itl = data["long_prompt_itl"]
+    parts.append(md_table(["engine", "ITL p99 before (ms)", "ITL p99 while prefilled (ms)", "vs before", "max (ms)",
+                           "steps until its first token"],
+                          [[name, f"{r['itl_before_p99_s'] * 1e3:.1f}", f"{r['itl_during_p99_s'] * 1e3:.1f}",
+                            f"{r['itl_during_p99_s'] / r['itl_before_p99_s']:.2f}x",
+                            f"{r['itl_during_max_s'] * 1e3:.1f}",
+                            r["steps_during"]] for name, r in itl.items()]))
+    return "\n\n".join(parts) + f"\n\nBaseline: the slot-cache engine at commit {data['baseline']}."

@@ -9,7 +9,7 @@ import pytest
 from raymoe.cluster.config import parse_config
 from raymoe.cluster.coordinator import Deployment
 from raymoe.placement import build_plan, load_trace
-from tests.cluster.test_runtime import LATE, PROMPTS, lockstep
+from tests.cluster.test_runtime import LATE, PROMPTS, SHARED, lockstep, paged, paged_reference
 from tests.plans import random_plan
 from tests.tiny_models import save_planted_affinity_model
 from raymoe.workers.reference import ReferenceEngine
@@ -37,22 +37,38 @@ def lockstep_mixed(ref, dep) -> int:
     return lockstep(ref, dep, prompts=[], late=LATE)
 
 
-@pytest.mark.parametrize("model,ranks,policy", [("top1", 2, "linear"), ("top1", 4, "round_robin"),
-                                                ("top2", 3, "linear"), ("qwen2", 2, "linear")])
-def test_coherent_equals_reference(ray_session, models, model, ranks, policy):
-    ref = ReferenceEngine.from_pretrained(models[model], max_seqs=4)
-    with coherent(models[model], ranks, placement={"policy": policy}) as dep:
+@pytest.mark.parametrize("model,ranks,policy,kv", [
+    ("top1", 2, "linear", "default"), ("top1", 4, "round_robin", "default"), ("top2", 3, "linear", "default"),
+    ("qwen2", 2, "linear", "paged")])
+def test_coherent_equals_reference(ray_session, models, model, ranks, policy, kv):
+    """``paged``: every rank's cache follows the same block tables through preemption,
+    chunked prefill and prefix hits (``tests/cluster/test_runtime.py::paged``)."""
+    path = models[model]
+    if kv == "paged":
+        ref = paged_reference(path)
+        with coherent(path, ranks, placement={"policy": policy}, batching=paged(path)) as dep:
+            assert lockstep(ref, dep, late=SHARED) > 10
+            stats = dep.scheduler.stats
+            assert stats.preemptions > 0 and stats.hit >= 16 and stats == ref.scheduler.stats
+            _check_traffic(dep, model, ranks)
+        return
+    ref = ReferenceEngine.from_pretrained(path, max_seqs=4)
+    with coherent(path, ranks, placement={"policy": policy}) as dep:
         assert lockstep_mixed(ref, dep) >= 9
-        for step in dep.stats.per_step:
-            assert step.messages == ranks
-            first, *rest = step.layers
-            top_k = 1 if model == "top1" else 2
-            # the first MoE layer: every rank holds every token, so only top-k merging communicates
-            assert (first.token_collectives, first.metadata_collectives, first.dispatch_bytes) == (top_k - 1, 0, 0)
-            # later layers: one dispatch all-to-all (+ one merge with top-2), no metadata (fixed capacity)
-            assert all((L.token_collectives, L.metadata_collectives) == (top_k, 0) for L in rest)
-            if top_k == 1:
-                assert all(L.merge_bytes == 0 for L in step.layers)
+        _check_traffic(dep, model, ranks)
+
+
+def _check_traffic(dep, model: str, ranks: int) -> None:
+    for step in dep.stats.per_step:
+        assert step.messages == ranks
+        first, *rest = step.layers
+        top_k = 1 if model == "top1" else 2
+        # the first MoE layer: every rank holds every token, so only top-k merging communicates
+        assert (first.token_collectives, first.metadata_collectives, first.dispatch_bytes) == (top_k - 1, 0, 0)
+        # later layers: one dispatch all-to-all (+ one merge with top-2), no metadata (fixed capacity)
+        assert all((L.token_collectives, L.metadata_collectives) == (top_k, 0) for L in rest)
+        if top_k == 1:
+            assert all(L.merge_bytes == 0 for L in step.layers)
 
 
 def test_coherent_with_replicated_experts(ray_session, models):

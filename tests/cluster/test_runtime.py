@@ -17,7 +17,9 @@ from tests.plans import linear_plan, random_plan
 from tests.tiny_models import fp8_checkpoint
 from tests.tiny_models import save_tiny_model
 from raymoe.workers.engine import Engine
+from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.checkpoint import Checkpoint
+from raymoe.workers.model.kv_cache import token_bytes
 from raymoe.workers.model.errors import CheckpointError
 from raymoe.workers.reference import ReferenceEngine
 from raymoe.workers.sampling import SamplingParams
@@ -60,13 +62,38 @@ def lockstep(ref: Engine, dep: Engine, prompts=PROMPTS, late=LATE, params=GREEDY
     return steps
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
-def test_mixtral_equals_reference_for_any_rank_count(ray_session, models, ranks):
-    """6 experts: 4 ranks do not divide them (2/2/1/1 slots). 3 ranks: the counting test below."""
-    ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
-    with deployment(models["mixtral"], ranks, linear_plan(6, ranks, 3)) as dep:
+def paged(path) -> dict:
+    """A ``batching`` section that exercises the paged KV cache in a few steps: 4-token
+    blocks, a pool of 12 (4 sequences of up to 21 tokens need 24: preemption), steps of 8
+    tokens (every prompt but the shortest is chunked), prefix caching."""
+    per_token = token_bytes(cache_shapes(Checkpoint(path).config), torch.float32)
+    return {"max_seqs": 4, "max_seq_len": 48, "block_size": 4, "max_num_batched_tokens": 8,
+            "kv_cache_memory": 12 * 4 * per_token, "prefix_caching": True}
+
+
+def paged_reference(path) -> ReferenceEngine:
+    b = paged(path)
+    return ReferenceEngine.from_pretrained(path, max_seqs=4, max_seq_len=48, block_size=4, max_num_batched_tokens=8,
+                                           kv_cache_memory=b["kv_cache_memory"])
+
+
+# late arrivals that start with the first 8 tokens of PROMPTS[2] (2 blocks, cached by then)
+SHARED = {**LATE, 9: [PROMPTS[2][:8] + [1, 2]], 11: [PROMPTS[2][:9] + [9]]}
+
+
+@pytest.mark.parametrize("ranks, kv", [(1, "default"), (2, "paged"), (4, "default")])
+def test_mixtral_equals_reference_for_any_rank_count(ray_session, models, ranks, kv):
+    """6 experts: 4 ranks do not divide them (2/2/1/1 slots). 3 ranks: the counting test below.
+    ``paged``: a small pool (preemption), chunked prefill and prefix hits, in lockstep."""
+    path = models["mixtral"]
+    ref = ReferenceEngine.from_pretrained(path, max_seqs=4) if kv == "default" else paged_reference(path)
+    batching = {"batching": paged(path)} if kv == "paged" else {}
+    with deployment(path, ranks, linear_plan(6, ranks, 3), **batching) as dep:
         assert dep.dtype == "float32"  # dtype auto on CPU actors (tests/unit/test_dtypes.py)
-        assert lockstep(ref, dep) > 10
+        assert lockstep(ref, dep, late=SHARED if kv == "paged" else LATE) > 10
+        if kv == "paged":
+            stats = dep.scheduler.stats
+            assert stats.preemptions > 0 and stats.hit >= 16 and stats == ref.scheduler.stats
 
 
 def test_an_fp8_checkpoint_runs_distributed_as_in_one_process(ray_session, models, tmp_path):

@@ -20,6 +20,7 @@ from raymoe.deploy.admission import AdmissionPolicy, WaitTooLongError, refusal, 
 from tests.e2e.conftest import _deploy, alone, metric, metric_samples
 from raymoe.workers.engine import QueueFullError
 from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.scheduler import Request, Scheduler
 
 PROMPTS = ["def add(a, b):", "import os", "class A:", "for x in y:", "print('hi')", "while True:"]
@@ -51,6 +52,18 @@ def _scheduler(max_seqs: int, running: list[tuple[int, int]], waiting: list[int]
 ])
 def test_wait_steps_walks_the_slots_in_order(max_seqs, running, waiting, steps):
     assert wait_steps(_scheduler(max_seqs, running, waiting)) == steps
+
+
+def test_wait_steps_counts_kv_blocks_too():
+    """Rows are free, but the two running sequences' whole lengths take the pool's 4
+    blocks: one more request waits until the second frees its 2 blocks, after 20 steps."""
+    s = Scheduler(max_seqs=4, max_seq_len=32, kv=KVLayout(num_blocks=4, block_size=16, max_blocks=2))
+    for i, (budget, done) in enumerate([(30, 0), (30, 10)]):
+        s.add(Request(f"r{i}", [1, 2], SamplingParams(max_new_tokens=budget)))
+        s.schedule()[-1].output_ids.extend([7] * done)
+    assert s.max_seqs - len(s.running) == 2 and wait_steps(s) == 20
+    s.add(Request("w", [1, 2], SamplingParams(max_new_tokens=20)))  # takes those 2 blocks from step 20 to 40
+    assert wait_steps(s) == 30  # the next to free: the first sequence's, after its 30 steps
 
 
 def test_refusal_by_count_then_by_expected_wait():

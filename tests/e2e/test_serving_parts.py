@@ -18,6 +18,7 @@ from raymoe.deploy.text_stream import TextStream
 from tests.e2e.conftest import metric, metric_samples
 from raymoe.workers.engine import finish_text
 from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.scheduler import Request, Scheduler
 from raymoe.workers.stats import LayerTraffic, StepStats
 from raymoe.workers.tokenizer import Tokenizer
 
@@ -225,11 +226,46 @@ def test_engine_loop_failure_reaches_every_caller(reference_engine):
     assert not loop.running and isinstance(loop.failure, RuntimeError)
 
 
+def _scheduler(running: int) -> Scheduler:
+    """A scheduler with ``running`` sequences admitted (never stepped)."""
+    scheduler = Scheduler(4, 64)
+    for i in range(running):
+        scheduler.add(Request(str(i), [1, 2], SamplingParams()))
+    scheduler.schedule()
+    return scheduler
+
+
+def test_kv_cache_metrics_follow_the_pool(reference_engine):
+    """Blocks used and total, the prefix cache's queries and hits, and the tokens of each
+    step by kind, from a real engine: the same 40-token prompt twice (the second time its
+    first 2 blocks are cached)."""
+    engine = reference_engine(max_seq_len=128)
+    m = ServingMetrics("m")
+    prompt = list(range(3, 43))
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    seen_used = []
+    for wave in range(2):
+        engine.add_request(prompt, params)
+        while engine.has_work():
+            m.on_step(engine, engine.step(), 0.01)
+            seen_used.append(metric(metric_samples(m.render().decode()), "raymoe_kv_blocks_used"))
+    samples = metric_samples(m.render().decode())
+    pool = engine.scheduler.pool
+    assert metric(samples, "raymoe_kv_blocks_total") == pool.num_blocks
+    assert max(seen_used) == 3 and metric(samples, "raymoe_kv_blocks_used") == 0  # 40 tokens + 2 new: 3 blocks
+    assert metric(samples, "raymoe_kv_cache_usage_perc") == 0
+    assert metric(samples, "raymoe_prefix_cache_queries_total") == 80
+    assert metric(samples, "raymoe_prefix_cache_hits_total") == 32  # the second time: 2 full blocks of 16
+    assert metric(samples, "raymoe_preemptions_total") == 0
+    assert metric(samples, "raymoe_step_batched_tokens_sum", kind="prefill") == 40 + 8
+    assert metric(samples, "raymoe_step_batched_tokens_sum", kind="decode") == 2 * 2  # 3 tokens: 1 from the prefill
+
+
 def test_balancedness_is_mean_over_max_rank_load():
     m = ServingMetrics("m", moe_layer_ids=(1, 3))
 
     class Engine:  # what on_step reads
-        scheduler = type("S", (), {"waiting": [], "running": [1, 2]})()
+        scheduler = _scheduler(running=2)
         stats = type("T", (), {"per_step": []})()
 
     def traffic(pairs):
@@ -251,7 +287,7 @@ def test_cross_device_fraction_from_the_coherent_layouts_transitions():
     m = ServingMetrics("m", moe_layer_ids=(0,))
 
     class Engine:
-        scheduler = type("S", (), {"waiting": [], "running": []})()
+        scheduler = _scheduler(running=0)
         stats = type("T", (), {"per_step": []})()
 
     for hosted, stayed in ((10, 6), (10, 9)):

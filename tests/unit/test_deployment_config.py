@@ -20,7 +20,7 @@ def test_example_config_loads():
 
 def test_defaults_need_only_the_model():
     config = parse_config({"model": "m"})
-    assert config.layout == "disaggregated" and config.batching.max_seqs == 16 and config.backend == "auto"
+    assert config.layout == "disaggregated" and config.batching.max_seqs == 256 and config.backend == "auto"
 
 
 @pytest.mark.parametrize("data,field", [
@@ -32,6 +32,13 @@ def test_defaults_need_only_the_model():
     ({"model": "m", "placement": {"policy": "magic"}}, "placement.policy"),
     ({"model": "m", "batching": {"max_seqs": -1}}, "batching.max_seqs"),
     ({"model": "m", "batching": {"max_seqs_typo": 3}}, "batching.max_seqs_typo"),
+    ({"model": "m", "batching": {"kv_cache_memory": "lots"}}, "batching.kv_cache_memory"),
+    ({"model": "m", "batching": {"kv_cache_memory": "4 parsecs"}}, "batching.kv_cache_memory"),
+    ({"model": "m", "batching": {"kv_cache_memory": 0}}, "batching.kv_cache_memory"),
+    ({"model": "m", "batching": {"block_size": 0}}, "batching.block_size"),
+    ({"model": "m", "batching": {"max_num_batched_tokens": 0}}, "batching.max_num_batched_tokens"),
+    ({"model": "m", "batching": {"max_num_batched_tokens": 100}}, "batching.max_num_batched_tokens"),  # < max_seqs
+    ({"model": "m", "batching": {"prefix_caching": "yes"}}, "batching.prefix_caching"),
     ({"model": "m", "ray": {"strategy": "CLUSTERED"}}, "ray.strategy"),
     ({"model": "m", "resources": {"cpus_per_actor": 0}}, "resources.cpus_per_actor"),
     ({"model": "m", "resources": {"gpus_per_actor": "many"}}, "resources.gpus_per_actor"),
@@ -45,6 +52,15 @@ def test_bad_field_is_named(data, field):
         parse_config(data, "cfg.yaml")
     assert err.value.field == field
     assert f"'{field}'" in str(err.value) and str(err.value).startswith("cfg.yaml:")
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), (4096, 4096), ("512MiB", 512 << 20), ("4GiB", 4 << 30),
+                                             ("2 GB", 2 * 10**9), ("1.5KiB", 1536)])
+def test_kv_cache_memory_takes_units(value, expected):
+    from raymoe.cluster.config import memory_bytes
+
+    config = parse_config({"model": "m", "batching": {"kv_cache_memory": value}})
+    assert memory_bytes(config.batching.kv_cache_memory) == expected
 
 
 def test_unknown_field_lists_known_ones():

@@ -22,7 +22,7 @@ from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.model.config import RouterConfig
 from raymoe.workers.model.experts import FEW_ROWS, ExpertStack
-from raymoe.workers.model.kv_cache import KVCache
+from raymoe.workers.model.kv_cache import KVCache, KVLayout
 from raymoe.workers.model.linear import FusedLinear, linear
 from raymoe.workers.model.mlp import GatedMLP
 from raymoe.workers.model.norm import RMSNorm
@@ -160,17 +160,18 @@ def mixtral(tmp_path_factory):
     return load_model(path)
 
 
-def _decode_logits(model, lengths: list[int], slots: list[int], general: bool = False) -> torch.Tensor:
+def _decode_logits(model, lengths: list[int], slots: list[int], general: bool = False,
+                   cache: KVCache | None = None) -> torch.Tensor:
     """Prefill ``lengths`` prompts into ``slots``, then one decode step's logits."""
-    cache = KVCache(cache_shapes(model.config), 8)
+    cache = cache or KVCache.contiguous(cache_shapes(model.config), 8, 64)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
     with torch.inference_mode():
         model(ForwardBatch.build(prompts, [0] * len(prompts), slots), cache)
         batch = ForwardBatch.build([[i + 1] for i in range(len(lengths))], lengths, slots)
         assert batch.decode
-        if general:  # the same step through padding, masks and a copied KV read
-            batch = dataclasses.replace(batch, decode=False, first_slot=None, _memo={})
+        if general:  # the same step through padding and masks
+            batch = dataclasses.replace(batch, decode=False, _memo={})
         return model(batch, cache)
 
 
@@ -180,25 +181,40 @@ def test_decode_path_equals_the_general_path(mixtral, lengths):
     assert torch.equal(_decode_logits(mixtral, lengths, slots), _decode_logits(mixtral, lengths, slots, general=True))
 
 
-def test_kv_view_equals_kv_copy(mixtral):
-    """Contiguous slots read the cache as a view; scattered slots copy it: same logits."""
-    lengths = [9, 5, 12, 7]
-    assert ForwardBatch.build([[1]] * 4, lengths, [2, 3, 4, 5]).first_slot == 2
-    assert ForwardBatch.build([[1]] * 4, lengths, [5, 1, 6, 2]).first_slot is None
-    assert torch.equal(_decode_logits(mixtral, lengths, [2, 3, 4, 5]), _decode_logits(mixtral, lengths, [5, 1, 6, 2]))
-    cache = KVCache([((2, 4), (2, 4))], 6)
-    cache.k[0].normal_()
-    cache.v[0].normal_()
-    view, copy = cache.read(0, torch.arange(1, 4), 5, first_slot=1), cache.read(0, torch.arange(1, 4), 5)
-    assert all(torch.equal(a, b) for a, b in zip(view, copy))
+def test_interleaved_block_tables_equal_contiguous_ones(mixtral):
+    """Sequences whose blocks interleave in the pool (a shuffled pool of 4-token blocks,
+    scattered block-table rows) read exactly what contiguous blocks give."""
+    lengths, shapes = [9, 5, 12, 7], cache_shapes(mixtral.config)
+    contiguous = _decode_logits(mixtral, lengths, [0, 1, 2, 3])
+    layout = KVLayout(num_blocks=40, block_size=4, max_blocks=5)
+    cache = KVCache(shapes, 8, layout)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(1)).tolist()
+    slots = [5, 1, 6, 2]
+    for i, slot in enumerate(slots):
+        cache.set_blocks(slot, order[i::4][:4])  # sequence i takes every fourth block of the shuffle
+    assert torch.equal(contiguous, _decode_logits(mixtral, lengths, slots, cache=cache))
 
 
-def test_from_tokens_marks_decode_and_contiguous_slots():
+def test_block_table_rows_name_pool_rows():
+    cache = KVCache([((2, 4), (2, 4))], 3, KVLayout(num_blocks=6, block_size=4, max_blocks=3))
+    cache.set_blocks(1, [5, 0])
+    assert cache.token_rows(torch.tensor([1, 1, 1]), torch.tensor([0, 3, 4])).tolist() == [20, 23, 0]
+    blocks = cache.context_blocks(torch.tensor([1, 0]), 6)
+    assert blocks.tolist() == [[5, 0], [6, 6]]  # an unused slot reads the scratch block (6)
+    cache.k[0].copy_(torch.arange(28.0)[:, None, None].expand(28, 2, 4))  # row r holds r
+    keys, _ = cache.read(0, blocks, 6)
+    assert keys.shape == (2, 6, 2, 4)
+    assert keys[:, :, 0, 0].tolist() == [[20, 21, 22, 23, 0, 1], [24, 25, 26, 27, 24, 25]]
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.set_blocks(0, [1, 2, 3, 4])
+
+
+def test_from_tokens_marks_decode_steps():
     positions = torch.tensor([4, 7, 2])
     batch = ForwardBatch.from_tokens(torch.tensor([1, 2, 3]), torch.tensor([3, 4, 5]), positions)
-    assert batch.decode and batch.first_slot == 3 and (batch.min_len, batch.max_len) == (3, 8)
+    assert batch.decode and (batch.min_len, batch.max_len) == (3, 8)
     batch = ForwardBatch.from_tokens(torch.tensor([1, 2, 3]), torch.tensor([5, 3, 4]), positions)
-    assert not batch.decode and batch.first_slot == 3  # tokens not in slot order
+    assert not batch.decode  # tokens not in slot order
     batch = ForwardBatch.from_tokens(torch.tensor([1, 2]), torch.tensor([3, 3]), torch.tensor([4, 5]))
     assert not batch.decode and batch.max_new == 2
     empty = ForwardBatch.from_tokens(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long),
@@ -266,3 +282,23 @@ def test_greedy_sampling_is_torch_argmax():
     want = logits.argmax(-1).tolist()
     assert sample(logits, [SamplingParams()] * 6, [0] * 6) == want == [5, 7, 0, 4095] + want[4:]
     assert sample(logits.double(), [SamplingParams()] * 6, [0] * 6) == want
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # GQA, MLA
+def test_decodes_beside_a_prompt_chunk_attend_apart(tiny_model, family):
+    """Two decoding sequences beside a 9-token prompt chunk: attention runs them as two
+    parts (no padding of the decodes to 9 queries), with the logits of one padded batch."""
+    model = load_model(tiny_model(family, seed=2))
+    logits = []
+    for split in (True, False):
+        cache = KVCache.contiguous(cache_shapes(model.config), 4, 32, block_size=4)
+        with torch.inference_mode():
+            model(ForwardBatch.build([[3, 4, 5, 6, 7], [8, 9, 10]], [0, 0], [0, 2]), cache)
+            batch = ForwardBatch.build([[11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [21]], [5, 0, 3], [0, 1, 2])
+            parts = batch.parts()
+            assert [p.num_seqs for p, _ in parts] == [2, 1]
+            assert [t.tolist() for _, t in parts] == [[0, 10], list(range(1, 10))]
+            if not split:
+                batch._memo["parts"] = [(batch, None)]
+            logits.append(model(batch, cache))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)

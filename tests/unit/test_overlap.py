@@ -47,8 +47,8 @@ def test_two_micro_batches_equal_the_whole_step(tiny_model, family):
     model = load_model(tiny_model(family, seed=3), torch.float32)
     config = model.config
     prompts = [[5, 17, 33, 2], [11, 3], [60, 61, 62], [9], [4, 4, 8, 1, 2]]
-    whole_cache = KVCache(cache_shapes(config), len(prompts), torch.float32, "cpu")
-    split_cache = KVCache(cache_shapes(config), len(prompts), torch.float32, "cpu")
+    whole_cache = KVCache.contiguous(cache_shapes(config), len(prompts), 16)
+    split_cache = KVCache.contiguous(cache_shapes(config), len(prompts), 16)
     with torch.inference_mode():
         prefill = ForwardBatch.build(prompts, [0] * len(prompts))
         for cache in (whole_cache, split_cache):

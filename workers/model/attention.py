@@ -67,18 +67,32 @@ def _mask(batch: ForwardBatch, length: int, dtype: torch.dtype, device: torch.de
     return batch.cached(("mask", length, dtype), make)
 
 
-def _context(batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
-             layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Keys and values every query may attend to: ``[B, L, ...]`` each, and L.
+def _store(batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int) -> None:
+    """Write the batch's new keys and values into the cache (before any of them is read)."""
+    rows = batch.cached(("kv_rows", id(cache)), lambda: cache.token_rows(batch.token_slots, batch.positions))
+    cache.write(layer, batch.token_slots, batch.positions, k, v, rows)
 
-    With a cache the new rows are stored first. Without one (training, scoring whole
-    sequences) every sequence must start at position 0 and sees only its new tokens.
-    """
-    if cache is None:
-        return _pad(batch, k), _pad(batch, v), batch.max_new
-    cache.write(layer, batch.token_slots, batch.positions, k, v)
-    keys, values = cache.read(layer, batch.slots, batch.max_len, batch.first_slot)
-    return keys.to(k.dtype), values.to(v.dtype), batch.max_len
+
+def _load(batch: ForwardBatch, cache: KVCache, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of every position up to the batch's longest sequence ``[B, L, ...]``."""
+    blocks = batch.cached(("kv_read", id(cache)), lambda: cache.context_blocks(batch.slots, batch.max_len))
+    keys, values = cache.read(layer, blocks, batch.max_len)
+    return keys.to(dtype), values.to(dtype)
+
+
+def _attend_parts(batch: ForwardBatch, q: torch.Tensor, context, scale: float) -> torch.Tensor:
+    """Attention of ``q [T, H, d]`` part by part (``ForwardBatch.parts``): ``context(part)``
+    gives a part's keys and values ``[B_i, L_i, ...]``. -> ``[T, H, dv]``."""
+    parts = batch.parts()
+    if len(parts) == 1:
+        return _attend(batch, q, *context(batch), batch.max_len, scale)
+    out = None
+    for part, tokens in parts:
+        o = _attend(part, q[tokens], *context(part), part.max_len, scale)
+        if out is None:
+            out = o.new_empty(q.shape[0], *o.shape[1:])
+        out[tokens] = o
+    return out
 
 
 def _gpu_kernels():
@@ -149,8 +163,12 @@ class Attention(nn.Module):
         rope = _rope(batch, r, c.rope_theta, x.dtype, scaling=c.rope_scaling)
         qk = apply_rope(heads[:, : h + g], rope) if r == d else \
             torch.cat((apply_rope(heads[:, : h + g, :r], rope), heads[:, : h + g, r:]), -1)  # partial RoPE (GLM)
-        keys, values, length = _context(batch, qk[:, h:], heads[:, h + g :], cache, self.layer)
-        out = _attend(batch, qk[:, :h], keys, values, length, d**-0.5)
+        q, k, v = qk[:, :h], qk[:, h:], heads[:, h + g :]
+        if cache is None:  # training, scoring whole sequences: each starts at 0 and sees its new tokens
+            out = _attend(batch, q, _pad(batch, k), _pad(batch, v), batch.max_new, d**-0.5)
+        else:
+            _store(batch, k, v, cache, self.layer)
+            out = _attend_parts(batch, q, lambda part: _load(part, cache, self.layer, x.dtype), d**-0.5)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -186,10 +204,19 @@ class LatentAttention(nn.Module):
         rope = _rope(batch, m.qk_rope_head_dim, c.rope_theta, x.dtype, c.rope_interleave, c.rope_scaling)
         q_rot = apply_rope(q_rot, rope)
         k_rot = apply_rope(k_rot[:, None, :], rope)[:, 0]  # [T, R]
-        latents, rot_keys, length = _context(batch, latent, k_rot, cache, self.layer)  # [B, L, r], [B, L, R]
-        kv = self.kv_b_proj(latents).view(*latents.shape[:2], c.num_heads, -1)
-        k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], -1)
-        keys = torch.cat((k_nope, rot_keys[:, :, None, :].expand(-1, -1, c.num_heads, -1)), -1)
+
+        def context(part: ForwardBatch, latents: torch.Tensor, rot_keys: torch.Tensor):
+            """Keys and values decompressed from ``latents [B, L, r]``, ``rot_keys [B, L, R]``."""
+            kv = self.kv_b_proj(latents).view(*latents.shape[:2], c.num_heads, -1)
+            k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], -1)
+            return torch.cat((k_nope, rot_keys[:, :, None, :].expand(-1, -1, c.num_heads, -1)), -1), values
+
+        q = torch.cat((q_nope, q_rot), -1)
         scale = softmax_scale(m.qk_head_dim, c.rope_scaling)
-        out = _attend(batch, torch.cat((q_nope, q_rot), -1), keys, values, length, scale)
+        if cache is None:
+            out = _attend(batch, q, *context(batch, _pad(batch, latent), _pad(batch, k_rot)), batch.max_new, scale)
+        else:
+            _store(batch, latent, k_rot, cache, self.layer)
+            out = _attend_parts(batch, q, lambda part: context(part, *_load(part, cache, self.layer, x.dtype)),
+                                scale)
         return self.o_proj(out.reshape(x.shape[0], -1))

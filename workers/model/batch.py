@@ -23,9 +23,7 @@ class ForwardBatch:
     among its sequence's new tokens), slots [B] (KV-cache slot), lengths [B] (sequence
     length after this step), last_token [B] (index in T of each sequence's last token).
     ``decode``: every sequence has exactly one new token and token b is sequence b's
-    (T == B, nothing to pad). ``first_slot``: set when ``slots`` is the contiguous range
-    ``first_slot, first_slot + 1, ...`` (the KV cache is then read as a view).
-    ``min_len``: the shortest sequence length after this step.
+    (T == B, nothing to pad). ``min_len``: the shortest sequence length after this step.
     """
 
     input_ids: torch.Tensor
@@ -39,7 +37,6 @@ class ForwardBatch:
     max_len: int
     min_len: int = 0
     decode: bool = False
-    first_slot: int | None = None
     # What every layer derives from the batch (RoPE tables, attention mask), made once per step.
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -65,19 +62,49 @@ class ForwardBatch:
         if not len(counts):
             return cls(input_ids=input_ids, positions=positions, seq_index=seq_index, query_index=query_index,
                        slots=seq_slots, lengths=lengths, last_token=offsets + counts - 1, max_new=0, max_len=0)
-        max_new, max_len, min_len, first, last = torch.stack(
-            (counts.max(), lengths.max(), lengths.min(), seq_slots[0], seq_slots[-1])).tolist()
+        max_new, max_len, min_len = torch.stack((counts.max(), lengths.max(), lengths.min())).tolist()
         decode = max_new == 1 and bool(torch.equal(seq_index, torch.arange(len(seq_index), device=device)))
         return cls(input_ids=input_ids, positions=positions, seq_index=seq_index, query_index=query_index,
                    slots=seq_slots, lengths=lengths, last_token=offsets + counts - 1, max_new=max_new,
-                   max_len=max_len, min_len=min_len, decode=decode,
-                   first_slot=first if last - first == len(seq_slots) - 1 else None)
+                   max_len=max_len, min_len=min_len, decode=decode)
 
     def to(self, device: torch.device) -> "ForwardBatch":
         if device.type == "cpu":
             return self
         moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_memo"}
         return ForwardBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in moved.items()})
+
+    def parts(self) -> list[tuple["ForwardBatch", torch.Tensor | None]]:
+        """The batch as attention runs it: ``[(self, None)]``, or, when sequences that
+        decode one token sit beside sequences that feed several (chunked prefill), the
+        decoding ones and the others as two sub-batches, each with the indices ``[T_i]``
+        of its tokens in this batch. Padding every sequence to the longest one's new
+        tokens would otherwise cost a decoding sequence as much attention as a prompt
+        chunk. One read of the token counts to the host, once per batch."""
+        return self.cached("parts", self._split)
+
+    def _split(self) -> list[tuple["ForwardBatch", torch.Tensor | None]]:
+        if self.decode or self.max_new == 1 or self.num_seqs == 1:
+            return [(self, None)]
+        counts = torch.bincount(self.seq_index, minlength=self.num_seqs)
+        single = counts == 1
+        if not bool(single.any()):
+            return [(self, None)]
+        parts = []
+        for chosen in (single, ~single):
+            seqs = torch.nonzero(chosen).flatten()
+            renumber = torch.full_like(counts, -1)
+            renumber[seqs] = torch.arange(len(seqs), device=seqs.device)
+            tokens = torch.nonzero(chosen[self.seq_index]).flatten()
+            lengths, new = self.lengths[seqs], counts[seqs]
+            max_new, max_len, min_len = torch.stack((new.max(), lengths.max(), lengths.min())).tolist()
+            seq_index = renumber[self.seq_index[tokens]]
+            parts.append((ForwardBatch(
+                input_ids=self.input_ids[tokens], positions=self.positions[tokens], seq_index=seq_index,
+                query_index=self.query_index[tokens], slots=self.slots[seqs], lengths=lengths,
+                last_token=torch.cumsum(new, 0) - 1, max_new=max_new, max_len=max_len, min_len=min_len,
+                decode=max_new == 1), tokens))
+        return parts
 
     @property
     def token_slots(self) -> torch.Tensor:
@@ -100,9 +127,7 @@ class ForwardBatch:
         slots = slots if slots is not None else list(range(len(tokens)))
         sizes = [len(t) for t in tokens]
         ends = [s + n for s, n in zip(starts, sizes)]
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        common = dict(max_new=max(sizes), max_len=max(ends), min_len=min(ends),
-                      first_slot=slots[0] if contiguous else None)
+        common = dict(max_new=max(sizes), max_len=max(ends), min_len=min(ends))
         if common["max_new"] == 1:  # decode: token b is sequence b's only new token
             index = list(range(len(tokens)))
             # One array for every field: numpy converts Python ints ~5x faster than torch.tensor.

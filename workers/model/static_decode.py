@@ -4,11 +4,13 @@ A CUDA graph replays the kernels it captured with the addresses and shapes it ca
 so a step it replays must not depend on anything the host decides per step. Here a
 decode step of B sequences is run at a bucketed batch size ``S >= B`` (``BUCKETS``): the
 B real rows are copied into static input buffers and the other ``S - B`` rows are
-padding, written to a spare KV-cache slot (``pad_slot``) at position 0. Attention reads
-the cache's whole ``window`` (its capacity, reserved up front so the cache never moves)
-under a mask built on the device from the positions; nothing in the step reads a value
-back to the host, provided the routed experts do not (``ExpertStack`` on CUDA takes
-``grouped_mm``, with offsets on the device, in bfloat16 on compute capability >= 8.0).
+padding, written to a spare KV-cache slot (``pad_slot``, whose block table points at the
+scratch block) at position 0. Attention reads the cache's whole ``window`` (the capacity
+of a block table) through the block tables, which stay at one address and are updated
+in place between replays, under a mask built on the device from the positions; nothing
+in the step reads a value back to the host, provided the routed experts do not
+(``ExpertStack`` on CUDA takes ``grouped_mm``, with offsets on the device, in bfloat16
+on compute capability >= 8.0).
 
 ``StaticDecode.run`` is the same computation eagerly, on any device: the CPU tests check
 it against the ordinary decode path. ``DecodeGraphs`` captures one ``StaticDecode`` per
@@ -16,7 +18,7 @@ bucket on CUDA and replays it. State: written and unit-tested on CPU (the fixed-
 step equals the ordinary one); the capture has not yet run on a GPU, so nothing here is
 measured (benchmarks/RESULTS.md says so).
 
-Shapes: B = real sequences, S = bucket (padded batch), W = window (cache capacity),
+Shapes: B = real sequences, S = bucket (padded batch), W = window (block-table capacity),
 V = vocabulary.
 """
 
@@ -42,8 +44,6 @@ class StaticDecode:
     """One decode step at ``bucket`` rows over a cache whose capacity is ``window``."""
 
     def __init__(self, model: MoEForCausalLM, cache: KVCache, bucket: int, pad_slot: int):
-        if cache.capacity < 1:
-            raise ValueError("the cache needs its window reserved before a static decode step is built")
         device = cache.device
         self.model, self.cache, self.bucket, self.pad_slot = model, cache, bucket, pad_slot
         self.window = cache.capacity
@@ -56,7 +56,7 @@ class StaticDecode:
         self.batch = ForwardBatch(input_ids=self.input_ids, positions=self.positions, seq_index=index,
                                   query_index=torch.zeros_like(index), slots=self.slots,
                                   lengths=self.positions + 1, last_token=index, max_new=1,
-                                  max_len=self.window, min_len=0, decode=True, first_slot=None)
+                                  max_len=self.window, min_len=0, decode=True)
 
     def load(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
         """Copy a step's B rows into the static buffers; the rest become padding rows."""
@@ -80,8 +80,8 @@ class StaticDecode:
 class DecodeGraphs:
     """One captured ``StaticDecode`` per bucket up to ``max_seqs`` (CUDA only).
 
-    The cache gets one slot more than the sequences use (the padding rows' slot) and its
-    whole window reserved before the first capture; it must not grow afterwards.
+    The cache gets one slot more than the sequences use (the padding rows' slot, left
+    pointing at the scratch block).
     """
 
     def __init__(self, model: MoEForCausalLM, cache: KVCache, max_seqs: int):
