@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(PY) -m raymoe.deploy.cli demo
 
 test: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -p no:cacheprovider
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 # Refresh requirements.lock from pyproject.toml's ranges (all extras), for CPython 3.11 on
 # x86_64 Linux, torch excluded (the set-up installs it first, CPU or CUDA as the machine has).

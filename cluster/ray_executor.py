@@ -104,7 +104,9 @@ class RayExecutor:
         if step.return_logits:
             merged = {b: v for out in outs for b, v in out.logits.items()}
             logits = torch.stack([merged[b] for b in range(len(step.seqs))])
-        return StepOutput([tokens[b] for b in range(len(step.seqs))], stats, logits)
+        scores = {b: s for out in outs for b, s in out.logprobs.items()}
+        logprobs = [scores.get(b) for b in range(len(step.seqs))] if scores else None
+        return StepOutput([tokens[b] for b in range(len(step.seqs))], stats, logits, logprobs)
 
     # -- plan changes, traces ----------------------------------------------------------------
     def set_plan(self, plan) -> tuple[dict, bool]:

@@ -13,6 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
+from raymoe.deploy import logprobs
 from raymoe.deploy import openai_api as api
 from raymoe.deploy.errors import invalid
 from raymoe.deploy.prompts import Limits
@@ -45,7 +46,8 @@ def _limits(req: api.SamplingFields, max_tokens: int | None, defaults: dict) -> 
                   stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
-                  logit_bias=req.logit_bias, min_p=req.min_p or 0.0, min_tokens=req.min_tokens or 0)
+                  logit_bias=req.logit_bias, min_p=req.min_p or 0.0, min_tokens=req.min_tokens or 0,
+                  logprobs=req.requested_logprobs())
 
 
 def _refuse_unsupported(fields: list[str]) -> None:
@@ -82,6 +84,8 @@ def plan_chat(service: ModelService, req: api.ChatCompletionRequest) -> Submissi
     service.check_fields(req.unknown_fields())
     service.check_model(req.model)
     _refuse_unsupported(req.unsupported_fields())
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     prompt = service.encoder.chat_prompt(req.message_dicts(), req.chat_template_kwargs)
     return _submission(service, req, [prompt], [req.requested_tokens()], "messages")
 
@@ -91,6 +95,9 @@ async def respond(service: ModelService, plan: Submission, chat: bool) -> dict:
     streams = await service.start(plan.prompts, plan.params, plan.prompt_param)
     choices = await service.collect(streams, plan.stops)
     rows = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason} for c in choices]
+    if plan.params[0].logprobs is not None:
+        for row, choice in zip(rows, choices):
+            row["logprobs"] = _logprobs(service, choice.logprobs, chat, 0)
     generated = sum(len(c.token_ids) for c in choices)
     build = api.chat_response if chat else api.completion_response
     return build(api.new_id("chatcmpl" if chat else "cmpl"), service.name, rows, plan.prompt_tokens, generated)
@@ -108,13 +115,17 @@ async def chunks(service: ModelService, plan: Submission, streams: list, chat: b
     if chat:
         for index in range(len(streams)):
             yield api.chat_chunk(rid, service.name, created, index, {"role": "assistant", "content": ""}, None)
-    generated = 0
+    generated, offsets = 0, [0] * len(streams)  # completions: each choice's text_offset so far
     try:
         async with aclosing(service.stream(streams, plan.stops)) as pieces:
             async for piece in pieces:
                 generated += len(piece.token_ids)
-                if piece.text or piece.finish_reason is not None:
-                    yield _chunk(service, rid, created, piece, chat)
+                scores = None
+                if piece.logprobs:
+                    scores = _logprobs(service, piece.logprobs, chat, offsets[piece.index])
+                    offsets[piece.index] += 0 if chat else sum(map(len, scores["tokens"]))
+                if piece.text or piece.finish_reason is not None or scores:
+                    yield _chunk(service, rid, created, piece, chat, scores)
     finally:
         service.abort(streams)  # the client went away: free the KV-cache slots now
     if include_usage:
@@ -122,8 +133,14 @@ async def chunks(service: ModelService, plan: Submission, streams: list, chat: b
         yield api.usage_chunk(rid, service.name, created, obj, plan.prompt_tokens, generated)
 
 
-def _chunk(service: ModelService, rid: str, created: int, piece: Piece, chat: bool) -> dict:
+def _chunk(service: ModelService, rid: str, created: int, piece: Piece, chat: bool, scores: dict | None) -> dict:
     if not chat:
-        return api.completion_chunk(rid, service.name, created, piece.index, piece.text, piece.finish_reason)
+        return api.completion_chunk(rid, service.name, created, piece.index, piece.text, piece.finish_reason, scores)
     delta = {"content": piece.text} if piece.text else {}
-    return api.chat_chunk(rid, service.name, created, piece.index, delta, piece.finish_reason)
+    return api.chat_chunk(rid, service.name, created, piece.index, delta, piece.finish_reason, scores)
+
+
+def _logprobs(service: ModelService, entries: list, chat: bool, offset: int) -> dict:
+    """The OpenAI ``logprobs`` object of ``entries`` (``deploy/logprobs.py``)."""
+    text_of = service.encoder.token_text
+    return logprobs.chat_logprobs(entries, text_of) if chat else logprobs.completion_logprobs(entries, text_of, offset)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Union
 
 from raymoe.deploy.admission import STEP_EWMA, AdmissionPolicy, refusal
-from raymoe.workers.engine import Completion, Engine
-from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.engine import Completion, Engine, StepResult
+from raymoe.workers.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger("raymoe.serve")
 
@@ -50,6 +50,7 @@ class EngineStoppedError(RuntimeError):
 class TokenEvent:
     token_id: int
     at: float  # time.perf_counter() when the step that sampled it returned
+    logprob: TokenLogprob | None = None  # when the request's params ask
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class EngineLoop:
                 now = time.perf_counter()
                 if len(getattr(self.engine, "recoveries", ())) == recoveries:  # a recovered step is no estimate
                     self._time_step(now - started)
-                self._publish(result.tokens, result.finished, now)
+                self._publish(result, now)
                 if self.observer is not None:
                     self.observer.on_step(self.engine, result, now - started)
                 self._report_load()
@@ -284,17 +285,18 @@ class EngineLoop:
         if stream is not None and self.engine.abort(request_id) and self.observer is not None:
             self.observer.on_abort(stream)
 
-    def _publish(self, tokens: dict[str, int], finished: list[Completion], now: float) -> None:
+    def _publish(self, result: StepResult, now: float) -> None:
         """Hand each request its events; one thread-safe call per event loop per step."""
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for request_id, token in tokens.items():
+        finished = result.finished
+        for request_id, token in result.tokens.items():
             stream = self._streams.get(request_id)
             if stream is not None:
                 if self.observer is not None:
                     self.observer.on_token(stream, now)
                 stream.first_token_at = stream.first_token_at or now
                 stream.last_token_at = now
-                batches[stream.loop].append((stream.queue, TokenEvent(token, now)))
+                batches[stream.loop].append((stream.queue, TokenEvent(token, now, result.logprobs.get(request_id))))
         for completion in finished:
             stream = self._streams.pop(completion.request_id, None)
             if stream is not None:

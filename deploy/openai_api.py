@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20  # alternatives per token (workers/sampling.MAX_LOGPROBS)
 MAX_STOP = 4  # stop strings per request, as OpenAI
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: pass temperature=0 for greedy decoding
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -84,15 +85,17 @@ Prompt = (Annotated[str, Field(description="text")] | list[str] | list[TokenId]
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     echo: bool = Field(False, description="not supported: false")
-    logprobs: int | None = Field(None, description="not supported: null")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the sampled token's logprob and the "
+                                 f"N most likely alternatives' (0-{MAX_LOGPROBS}) for every generated token")
     best_of: int | None = Field(None, description="not supported: null or 1")
     suffix: str | None = Field(None, description="not supported: null")
 
     def unsupported_fields(self) -> list[str]:
-        flags = {
-            "echo": self.echo, "logprobs": self.logprobs is not None, "best_of": self.best_of not in (None, 1),
-            "suffix": self.suffix is not None}
+        flags = {"echo": self.echo, "best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}
         return [name for name, bad in flags.items() if bad]
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(_Strict):
@@ -119,8 +122,9 @@ class ResponseFormat(_Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1, description="preferred over max_tokens when both are set")
-    logprobs: bool | None = Field(None, description="not supported: null or false")
-    top_logprobs: int | None = Field(None, description="not supported: null")
+    logprobs: bool | None = Field(None, description="return each generated token's logprob")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the N most likely "
+                                     f"alternatives of each token (0-{MAX_LOGPROBS})")
     response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
     tools: list[dict] | None = Field(None, description="not supported: null or []")
     tool_choice: Literal["none", "auto"] | None = Field(None, description="not supported: null, 'none' or 'auto'")
@@ -129,10 +133,12 @@ class ChatCompletionRequest(SamplingFields):
 
     def unsupported_fields(self) -> list[str]:
         flags = {
-            "logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs is not None,
             "response_format": self.response_format is not None and self.response_format.type != "text",
             "tools": bool(self.tools)}
         return [name for name, bad in flags.items() if bad]
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -165,30 +171,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_response(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    """``choices``: ``{"index", "text", "finish_reason"}`` each."""
+    """``choices``: ``{"index", "text", "finish_reason"}`` each, and ``"logprobs"`` when
+    asked for (``deploy/logprobs.py``)."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": None, "choices": [{**c, "logprobs": None} for c in choices],
+            "system_fingerprint": None, "choices": [{"logprobs": None, **c} for c in choices],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
 def chat_response(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    """``choices``: ``{"index", "text", "finish_reason"}`` each."""
+    """``choices``: ``{"index", "text", "finish_reason"}`` each, and ``"logprobs"`` when
+    asked for (``deploy/logprobs.py``)."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                         "finish_reason": c["finish_reason"], "logprobs": None} for c in choices],
+                         "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")} for c in choices],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -39,6 +39,8 @@ class Limits:
     logit_bias: dict[str, float] | None = None  # token id (as text, OpenAI's) -> bias
     min_p: float = 0.0
     min_tokens: int = 0
+    logprobs: int | None = None  # alternatives per generated token (None: no logprobs)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (``echo``)
 
 
 def _check_unicode(text: str, param: str) -> None:
@@ -63,6 +65,10 @@ class PromptEncoder:
         self.defaults = dict(sampling_defaults or {})
         self.chat = ChatRenderer(tokenizer.config if tokenizer else None, bool(tokenizer and tokenizer.add_bos),
                                  tokenizer.chat_template_file if tokenizer else None, chat_template)
+
+    def token_text(self, token: int) -> str:
+        """One token's text, as logprobs show it (``token_id:N`` without a tokenizer, as vLLM)."""
+        return self.tokenizer.token_text(token) if self.tokenizer is not None else f"token_id:{token}"
 
     def text(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
@@ -154,6 +160,7 @@ class PromptEncoder:
                                   presence_penalty=limits.presence_penalty, frequency_penalty=limits.frequency_penalty,
                                   repetition_penalty=limits.repetition_penalty,
                                   logit_bias=self._logit_bias(limits.logit_bias), min_p=limits.min_p,
-                                  min_tokens=limits.min_tokens)
+                                  min_tokens=limits.min_tokens, logprobs=limits.logprobs,
+                                  prompt_logprobs=limits.prompt_logprobs)
         except SamplingParamsError as exc:
             raise from_engine_error(exc, prompt_param) from None

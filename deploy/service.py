@@ -15,7 +15,7 @@ import asyncio
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from raymoe.cluster.config import DeploymentConfigError
@@ -44,7 +44,7 @@ from raymoe.deploy.text_stream import TextStream
 from raymoe.placement.errors import PlanError
 from raymoe.placement.plan import PlacementPlan
 from raymoe.workers.engine import QueueFullError
-from raymoe.workers.sampling import SamplingParams
+from raymoe.workers.sampling import SamplingParams, TokenLogprob
 from raymoe.workers.scheduler import RequestError
 
 log = logging.getLogger("raymoe.serve")
@@ -59,6 +59,7 @@ class Piece:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, when the params ask
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Choice:
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -180,12 +182,13 @@ class ModelService:
         choices: list[Choice] = []
         try:
             for index, (stream, stop) in enumerate(zip(streams, stops)):
-                text, ids, reason = [], [], None
+                text, ids, scores, reason = [], [], [], None
                 async for piece in self._pieces(index, stream, stop):
                     text.append(piece.text)
                     ids.extend(piece.token_ids)
+                    scores.extend(piece.logprobs)
                     reason = piece.finish_reason
-                choices.append(Choice(index, "".join(text), ids, reason or "abort"))
+                choices.append(Choice(index, "".join(text), ids, reason or "abort", scores))
         finally:
             self.abort(streams)
         return choices
@@ -232,15 +235,17 @@ class ModelService:
         events = aiter(stream)
         while True:
             event = await self._next_event(stream, events)
-            ids, piece = [], []
+            ids, piece, scores = [], [], []
             while isinstance(event, TokenEvent):
                 ids.append(event.token_id)
                 piece.append(text.push(event.token_id))
+                if event.logprob is not None:
+                    scores.append(event.logprob)
                 if stream.queue.empty():
                     break
                 event = await self._next_event(stream, events)
             if ids:
-                yield Piece(index, "".join(piece), ids)
+                yield Piece(index, "".join(piece), ids, logprobs=scores)
             if isinstance(event, FinishEvent):
                 yield Piece(index, text.finish(event.completion.text), [], event.completion.finish_reason)
                 return

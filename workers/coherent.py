@@ -27,7 +27,7 @@ from raymoe.workers.model.checkpoint import Checkpoint, load_model
 from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.rank import RankActor
 from raymoe.workers.replan import MoveStats, move_experts
-from raymoe.workers.sampling import sample
+from raymoe.workers.sampling import TokenLogprob, sample_and_score
 from raymoe.workers.stats import LayerTraffic
 from raymoe.workers.step import StepInput
 
@@ -39,6 +39,7 @@ class CoherentOutput:
     tokens: dict[int, int]  # sequence index in the step -> sampled token
     logits: dict[int, torch.Tensor]
     layers: list[LayerTraffic]
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # of those whose params ask
     coherence_bytes: int = 0
     coherence_collectives: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -141,7 +142,8 @@ class CoherentRank(RankActor):
             return CoherentOutput({}, {}, [])
         seqs = seq_of[hosted.tokens[mine]].tolist()
         logits = self.model.logits(hosted.h[mine]).float().cpu()
-        chosen = sample(logits, [step.seqs[b].params for b in seqs], [step.seqs[b].generated for b in seqs],
-                        [step.seqs[b].history for b in seqs])
+        chosen, scores = sample_and_score(logits, [step.seqs[b].params for b in seqs],
+                                          [step.seqs[b].generated for b in seqs], [step.seqs[b].history for b in seqs])
         keep = step.return_logits
-        return CoherentOutput(dict(zip(seqs, chosen)), {b: logits[i] for i, b in enumerate(seqs)} if keep else {}, [])
+        return CoherentOutput(dict(zip(seqs, chosen)), {b: logits[i] for i, b in enumerate(seqs)} if keep else {}, [],
+                              logprobs={b: s for b, s in zip(seqs, scores) if s is not None})

@@ -11,13 +11,13 @@ step again from their committed tokens.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from raymoe.workers.model.errors import CheckpointError
-from raymoe.workers.sampling import History, SamplingParams
+from raymoe.workers.sampling import History, SamplingParams, TokenLogprob
 from raymoe.workers.scheduler import Request, Scheduler, Sequence
 from raymoe.workers.step import SeqStep, StepInput, StepOutput
 from raymoe.workers.tokenizer import Tokenizer
@@ -30,16 +30,19 @@ class Completion:
     output_ids: list[int]
     text: str | None
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask
 
 
 @dataclass
 class StepResult:
     """What one step produced: the token each running request got (by request id), the
-    requests that finished, and (when asked for) each request's logits ``[V]``."""
+    requests that finished, (when asked for) each request's logits ``[V]``, and the
+    sampled tokens' logprobs of the requests whose params ask."""
 
     tokens: dict[str, int]
     finished: list[Completion]
     logits: dict[str, torch.Tensor]
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
 
 
 class QueueFullError(RuntimeError):
@@ -128,8 +131,14 @@ class Engine:
         sampled = [i for i, s in enumerate(seqs) if s.samples]
         ids = {i: seqs[i].request.request_id for i in sampled}
         logits = {rid: out.logits[i] for i, rid in ids.items()} if return_logits else {}
+        scores = {}
+        if out.logprobs is not None:
+            scores = {rid: out.logprobs[i] for i, rid in ids.items() if out.logprobs[i] is not None}
+            for i in ids:
+                if out.logprobs[i] is not None:
+                    seqs[i].logprobs.append(out.logprobs[i])
         finished = [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)]
-        return StepResult({rid: out.tokens[i] for i, rid in ids.items()}, finished, logits)
+        return StepResult({rid: out.tokens[i] for i, rid in ids.items()}, finished, logits, scores)
 
     def _seq_step(self, seq: Sequence) -> SeqStep:
         p = seq.request.params
@@ -145,7 +154,8 @@ class Engine:
     def _completion(self, seq: Sequence) -> Completion:
         self._seq_of.pop(seq.request.request_id, None)
         return Completion(seq.request.request_id, seq.request.prompt_ids, seq.output_ids,
-                          finish_text(self.tokenizer, seq), seq.finish_reason)
+                          finish_text(self.tokenizer, seq), seq.finish_reason,
+                          seq.logprobs if seq.request.params.logprobs is not None else None)
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Token-id prompts in, completions out (in prompt order)."""

@@ -121,9 +121,10 @@ class FrontEnd(RankActor):
         """One forward pass + sampling. The expert ranks must run ``step`` at the same time."""
         started = time.perf_counter()
         experts = DispatchingExperts(self.maps, self.collectives, self.expert_base, self.dtype)
-        tokens, logits, num_tokens = self.runner.run(step, experts)
+        out = self.runner.run(step, experts)
         waited = experts.seconds["dispatch"] + experts.seconds["combine_wait"]
-        stats = StepStats(num_tokens, len(step.seqs), experts.traffic(), micro_batches=max(1, len(step.micro_batches)))
+        stats = StepStats(out.stats.tokens, len(step.seqs), experts.traffic(),
+                          micro_batches=max(1, len(step.micro_batches)))
         stats.seconds.update(attention=time.perf_counter() - started - waited, dispatch=experts.seconds["dispatch"],
                              combine=experts.seconds["combine_wait"])
-        return StepOutput(tokens, stats, logits if step.return_logits else None)
+        return StepOutput(out.tokens, stats, out.logits if step.return_logits else None, out.logprobs)

@@ -54,14 +54,13 @@ class LocalExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         experts = self.experts() if self.experts else None
         started = time.perf_counter()
-        tokens, logits, num_tokens = self.runner.run(step, experts)
+        out = self.runner.run(step, experts)
         seconds = time.perf_counter() - started
-        stats = StepStats(num_tokens, len(step.seqs), [])
-        stats.seconds["attention"] = seconds  # everything ran here
-        self.stats.add(stats)
+        out.stats.seconds["attention"] = seconds  # everything ran here
+        self.stats.add(out.stats)
         if self.experts:
-            self.steps.append((experts, seconds, num_tokens))
-        return StepOutput(tokens, stats, logits)
+            self.steps.append((experts, seconds, out.stats.tokens))
+        return out
 
 
 class ReferenceEngine(Engine):

@@ -14,8 +14,9 @@ from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.model.kv_cache import KVCache, KVLayout
 from raymoe.workers.model.static_decode import DecodeGraphs
 from raymoe.workers.overlap import SplitExperts, two_batch_forward
-from raymoe.workers.sampling import sample
-from raymoe.workers.step import StepInput
+from raymoe.workers.sampling import sample_and_score
+from raymoe.workers.stats import StepStats
+from raymoe.workers.step import StepInput, StepOutput
 from raymoe.workers.trace import TraceRecorder
 
 
@@ -40,9 +41,10 @@ class ModelRunner:
         self.recorder = TraceRecorder(self.config.moe_layer_ids, self.config.num_experts) if enabled else None
 
     @torch.inference_mode()
-    def run(self, step: StepInput, experts: ExpertExecutor | None = None) -> tuple[list[int], torch.Tensor, int]:
-        """Sampled tokens (one per sequence), last-token logits ``[B, V]`` (float32, CPU),
-        and the number of tokens computed. A step with two ``micro_batches`` runs them
+    def run(self, step: StepInput, experts: ExpertExecutor | None = None) -> StepOutput:
+        """Sampled tokens (one per sequence), their logprobs where asked, last-token logits
+        ``[B, V]`` (float32, CPU) and the number of tokens computed (``stats.tokens``; the
+        caller fills in the rest of the stats). A step with two ``micro_batches`` runs them
         interleaved (``workers/overlap.py``): ``experts`` must then be a ``SplitExperts``."""
         for s in step.seqs:
             self.cache.set_blocks(s.slot, s.blocks)
@@ -55,9 +57,10 @@ class ModelRunner:
         else:
             logits, computed = self._forward(step, experts)
         logits = logits.float().cpu()
-        tokens = sample(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs],
-                        [s.history for s in step.seqs])
-        return tokens, logits, computed
+        tokens, scores = sample_and_score(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs],
+                                          [s.history for s in step.seqs])
+        return StepOutput(tokens, StepStats(computed, len(step.seqs), []), logits,
+                          scores if any(x is not None for x in scores) else None)
 
     def _batch(self, seqs) -> ForwardBatch:
         return ForwardBatch.build([s.tokens for s in seqs], [s.start for s in seqs],

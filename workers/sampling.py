@@ -25,6 +25,9 @@ import numpy as np
 import torch
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows
+
+
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; names the field, the value and the range."""
 
@@ -51,6 +54,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit, in [-100, 100])
     min_p: float = 0.0  # [0, 1]
     min_tokens: int = 0  # end-of-sequence and stop ids are not sampled before this many tokens
+    logprobs: int | None = None  # return each sampled token's logprob and the top N alternatives' (0-20)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (0-20)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -72,6 +77,12 @@ class SamplingParams:
             ("min_p", self.min_p, _number_in(self.min_p, 0, 1), "a number in [0, 1]"),
             ("min_tokens", self.min_tokens, isinstance(self.min_tokens, int) and self.min_tokens >= 0,
              "an integer >= 0"),
+            ("logprobs", self.logprobs, self.logprobs is None or (isinstance(self.logprobs, int) and
+                                                                    0 <= self.logprobs <= MAX_LOGPROBS),
+             f"null or an integer in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs, self.prompt_logprobs is None or (
+                isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             f"null or an integer in [0, {MAX_LOGPROBS}]"),
             ("logit_bias", self.logit_bias, all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and
                                                 _number_in(b, -100, 100) for t, b in self.logit_bias),
              "token ids >= 0, each with a bias in [-100, 100]"),
@@ -141,6 +152,34 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: Histor
                             neginf=float("-inf"))
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the ``top`` alternatives ``((id, logprob), ...)``,
+    most likely first. ``logprob`` None: a sequence's first prompt token (nothing came
+    before it)."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def scoring_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``logits [..., V]`` (after the logits processors) -> the log-probabilities a token
+    is scored by: the distribution after the penalties and the temperature (greedy: none),
+    before top-k, top-p and min-p cut it, as vLLM documents its processed logprobs."""
+    logits = logits.float()
+    if not params.greedy:
+        logits = logits / params.temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def score(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry of ``logprobs [V]``, with the ``top`` most likely ids."""
+    best = torch.topk(logprobs, top) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), pairs)
+
+
 def token_generator(seed: int, index: int) -> torch.Generator:
     """The generator for the ``index``-th generated token of a request seeded ``seed``."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
@@ -186,11 +225,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
     """One token per row of ``logits [B, V]``; ``indices[b]`` is how many tokens row b's
     request has generated before this one (seeded requests only); ``histories[b]``: what
     its logits processors need (None: every request is ``plain``)."""
+    return sample_and_score(logits, params, indices, histories)[0]
+
+
+def sample_and_score(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+                     histories: list[History] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """``sample``, and for each row whose request asks for ``logprobs`` the sampled
+    token's ``TokenLogprob`` (``scoring_logprobs``), else None."""
+    tokens, processed = _sample(logits, params, indices, histories)
+    scores = [None if p.logprobs is None else score(scoring_logprobs(processed[b], p), tokens[b], p.logprobs)
+              for b, p in enumerate(params)]
+    return tokens, scores
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+            histories: list[History] | None) -> tuple[list[int], torch.Tensor]:
+    """The tokens, and the logits after the processors ``[B, V]``."""
     plain = [p.plain for p in params]
     if all(plain):
         greedy = _argmax(logits)
         if all(p.greedy for p in params):
-            return greedy
+            return greedy, logits
     else:
         rows = logits.float().cpu()
         logits = torch.stack([rows[b] if plain[b] else process_logits(rows[b], params[b], histories[b])
@@ -203,4 +258,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
         else:
             probs = _filtered_probs(logits[row].float().cpu(), p)
             out.append(int(torch.multinomial(probs, 1, generator=token_generator(p.seed, index))))
-    return out
+    return out, logits

@@ -70,6 +70,7 @@ class Sequence:
     keyed: int = 0  # leading blocks found in or registered with the prefix cache
     parent: int = -1  # the serial of the last keyed block's key (workers/block_pool.py)
     admitted: int = -1  # admission order (the youngest is preempted first)
+    logprobs: list = field(default_factory=list)  # a TokenLogprob per output token, when the params ask
 
     @property
     def all_ids(self) -> list[int]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raymoe.workers.sampling import History, SamplingParams
+from raymoe.workers.sampling import History, SamplingParams, TokenLogprob
 from raymoe.workers.stats import LayerTraffic, StepStats
 
 
@@ -46,6 +46,7 @@ class StepOutput:
     tokens: list[int]  # one sampled token per sequence, in ``seqs`` order
     stats: StepStats
     logits: torch.Tensor | None = None  # [B, V] float32 when asked for
+    logprobs: list[TokenLogprob | None] | None = None  # per sequence, for those whose params ask
 
 
 @dataclass

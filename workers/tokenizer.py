@@ -49,6 +49,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """The text of one token on its own, special tokens included (what logprobs name)."""
+        return self._tok.decode([token], skip_special_tokens=False)
+
     def incremental(self) -> "IncrementalDecoder":
         """A decoder for one output that grows a token at a time."""
         return IncrementalDecoder(self)

@@ -65,7 +65,8 @@ def run(models, layout: str, model: str, ranks: int, backend: str, probe: bool):
 def test_stats_equal_what_torch_distributed_saw(ray_session, models, layout, model, ranks):
     """gloo: the stats == what torch.distributed was asked to do in every actor. The
     same-node transport (backend local) carries the same bytes, in the same collectives
-    except the split-size exchanges, whose counts it carries in-band with the rows."""
+    except the split-size exchanges, whose counts it carries in-band with the rows
+    (checked at 2 ranks, one case per layout: each check is a deployment more)."""
     want = ReferenceEngine.from_pretrained(models[model], max_seqs=4).generate_ids(PROMPTS, GREEDY)
     outputs, (calls, metadata, moved), seen = run(models, layout, model, ranks, "gloo", probe=True)
     assert outputs == want and calls > 0 and moved > 0
@@ -73,5 +74,6 @@ def test_stats_equal_what_torch_distributed_saw(ray_session, models, layout, mod
     for probe in seen:  # every actor issues every collective of the step
         assert sum(probe["calls"].values()) == calls, probe
     assert sum(sum(p["bytes_sent"].values()) for p in seen) == moved
-    local_outputs, local_counts, _ = run(models, layout, model, ranks, "local", probe=False)
-    assert local_outputs == want and local_counts == (calls - metadata, 0, moved)
+    if ranks == 2:
+        local_outputs, local_counts, _ = run(models, layout, model, ranks, "local", probe=False)
+        assert local_outputs == want and local_counts == (calls - metadata, 0, moved)

@@ -121,16 +121,21 @@ def test_quantized_experts_run_distributed_as_in_one_process(ray_session, tiny_m
 def test_penalties_bias_and_min_tokens_sample_as_in_one_process(ray_session, models, layout):
     """The sampler's processors get what they need in the step message: the deployment
     (front-end, or every coherent rank) samples exactly the reference engine's tokens
-    (greedy and seeded)."""
+    (greedy and seeded), and scores them the same (logprobs, 1e-5)."""
     ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
-    params = [SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.4),
+    params = [SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.4,
+                             logprobs=3),
               SamplingParams(max_new_tokens=12, temperature=0.9, seed=3, min_p=0.1, repetition_penalty=2.0,
-                             logit_bias=((7, 3.0),)),
+                             logit_bias=((7, 3.0),), logprobs=0),
               SamplingParams(max_new_tokens=12, min_tokens=6, stop_token_ids=(7,), logit_bias=((7, 50.0),))]
     with deployment(models["mixtral"], 2, linear_plan(6, 2, 3), layout=layout) as dep:
-        got = [dep.generate_ids([p], [sp])[0].output_ids for p, sp in zip(PROMPTS, params)]
-    want = [ref.generate_ids([p], [sp])[0].output_ids for p, sp in zip(PROMPTS, params)]
-    assert got == want and len(want[2]) == 7 and want[2][-1] == 7
+        got = [dep.generate_ids([p], [sp])[0] for p, sp in zip(PROMPTS, params)]
+    want = [ref.generate_ids([p], [sp])[0] for p, sp in zip(PROMPTS, params)]
+    assert [c.output_ids for c in got] == [c.output_ids for c in want]
+    assert len(want[2].output_ids) == 7 and want[2].output_ids[-1] == 7 and got[2].logprobs is None
+    for a, b in zip(got[:2], want[:2]):
+        assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-5)
+        assert [[t for t, _ in e.top] for e in a.logprobs] == [[t for t, _ in e.top] for e in b.logprobs]
 
 
 def test_replicated_experts_equal_reference(ray_session, models):

@@ -148,3 +148,73 @@ def test_penalties_and_logit_bias_over_the_api(client, server, reference):
     want = alone(reference, PROMPT, max_new_tokens=12, presence_penalty=0.7, frequency_penalty=1.2,
                  repetition_penalty=1.5, min_tokens=4, min_p=0.05, ignore_eos=True)
     assert got == want.text
+
+
+def _reference_logprobs(reference, prompt: str, tokens: int, top: int, **params):
+    """The reference engine's logprobs of its greedy completion, and its logits' log-softmax
+    at each step (for the check against the logits themselves)."""
+    import torch
+
+    from raymoe.workers.sampling import SamplingParams
+
+    engine = reference
+    rid = engine.add_request(reference.tokenizer.encode(prompt), SamplingParams(max_new_tokens=tokens, logprobs=top,
+                                                                                 **params))
+    scores, softmax = [], []
+    while engine.has_work():
+        step = engine.step(return_logits=True)
+        if rid in step.logprobs:
+            scores.append(step.logprobs[rid])
+            softmax.append(torch.log_softmax(step.logits[rid], -1))
+    return scores, softmax
+
+
+def test_completion_logprobs_are_the_engines_log_softmax(client, server, reference):
+    """``logprobs: 3``: per token the sampled token's logprob (the greedy one, so also the
+    top one) and up to 4 alternatives (OpenAI adds the sampled token), each within 1e-5 of
+    the log-softmax of the reference engine's own logits; streamed the same, with text
+    offsets that follow the text."""
+    want, softmax = _reference_logprobs(reference, PROMPT, 8, 3, ignore_eos=True)
+    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == 8
+    text_of = reference.tokenizer.token_text
+    for got, top, entry, row in zip(lp.token_logprobs, lp.top_logprobs, want, softmax):
+        assert got == pytest.approx(float(row[entry.token]), abs=1e-5)
+        assert got == pytest.approx(float(row.max()), abs=1e-5)  # greedy: the sampled token is the most likely
+        assert set(top) == {text_of(t) for t, _ in entry.top} and 1 <= len(top) <= 4
+        assert sum(2.718281828 ** v for v in top.values()) <= 1 + 1e-5
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]
+    streamed = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                         logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [v for p in pieces for v in p.token_logprobs] == lp.token_logprobs
+    assert [o for p in pieces for o in p.text_offset] == lp.text_offset
+
+
+def test_chat_logprobs_and_top_logprobs(client, server, reference):
+    messages = [{"role": "user", "content": "hello"}]
+    prompt = "[user] hello [assistant]"
+    want, _ = _reference_logprobs(reference, prompt, 6, 2, ignore_eos=True)
+    out = client.chat.completions.create(model=server.model, messages=messages, max_tokens=6, temperature=0,
+                                         logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in want], abs=1e-5)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    assert all(bytes(c.bytes).decode() == c.token for c in content)
+    assert "".join(c.token for c in content) == out.choices[0].message.content
+    plain = client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+    streamed = client.chat.completions.create(model=server.model, messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=True,
+                                              extra_body={"ignore_eos": True})
+    got = [c.logprob for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+           for c in chunk.choices[0].logprobs.content]
+    assert got == [c.logprob for c in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, logprobs=True,
+                                       top_logprobs=21)
