@@ -24,7 +24,7 @@ from raymoe.workers.model.kv_cache import KVLayout, kv_layout
 from raymoe.workers.model.quantized_experts import quantize_model_experts
 from raymoe.workers.runner import ModelRunner
 from raymoe.workers.scheduler import Scheduler
-from raymoe.workers.stats import RuntimeStats, StepStats
+from raymoe.workers.stats import RuntimeStats
 from raymoe.workers.step import StepInput, StepOutput
 from raymoe.workers.tokenizer import Tokenizer, load_tokenizer
 
