@@ -68,7 +68,8 @@ class RayExecutor:
     def _execute_once(self, step: StepInput) -> StepOutput:
         if self.config.layout == "coherent":
             return self._execute_coherent(step)
-        split = self.overlap.split(len(step.seqs), step.decode)
+        decode = step.decode and not step.prompt_scores  # (prompt logprobs run whole)
+        split = self.overlap.split(len(step.seqs), decode)
         if len(split) == 2:
             step = dataclasses.replace(step, micro_batches=split)
             tokens = split  # decode: a token per sequence
@@ -78,7 +79,7 @@ class RayExecutor:
         messages = {0: ("step", (step,))}
         messages.update({i: ("step", (step.step_id, tokens)) for i in range(1, len(self.actors.actors))})
         replies = self.actors.step(messages)
-        self.overlap.observe(split, step.decode, time.perf_counter() - started)
+        self.overlap.observe(split, decode, time.perf_counter() - started)
         out, worker_stats = replies[0], [replies[i] for i in sorted(replies) if i]
         out.stats.layers = [functools.reduce(LayerTraffic.add, per_rank)  # the front-end's first: its routing
                             for per_rank in zip(out.stats.layers, *(w.layers for w in worker_stats), strict=True)]
@@ -106,7 +107,12 @@ class RayExecutor:
             logits = torch.stack([merged[b] for b in range(len(step.seqs))])
         scores = {b: s for out in outs for b, s in out.logprobs.items()}
         logprobs = [scores.get(b) for b in range(len(step.seqs))] if scores else None
-        return StepOutput([tokens[b] for b in range(len(step.seqs))], stats, logits, logprobs)
+        prompt = {}  # each rank scored the prompt rows it hosted at the last layer: put them in row order
+        for out in outs:
+            for b, rows in out.prompt_logprobs.items():
+                prompt.setdefault(b, []).extend(rows)
+        prompt = {b: [entry for _, entry in sorted(rows, key=lambda r: r[0])] for b, rows in prompt.items()}
+        return StepOutput([tokens[b] for b in range(len(step.seqs))], stats, logits, logprobs, prompt or None)
 
     # -- plan changes, traces ----------------------------------------------------------------
     def set_plan(self, plan) -> tuple[dict, bool]:

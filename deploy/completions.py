@@ -30,6 +30,7 @@ class Submission:
     stops: list[tuple[str, ...]]
     prompt_tokens: int  # each prompt counted once
     prompt_param: str  # the request field that holds the prompt ("prompt" or "messages")
+    echoes: list[str] | None = None  # completions with echo: each choice's prompt text, put before its text
 
 
 def _limits(req: api.SamplingFields, max_tokens: int | None, defaults: dict) -> Limits:
@@ -47,7 +48,8 @@ def _limits(req: api.SamplingFields, max_tokens: int | None, defaults: dict) -> 
                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
                   logit_bias=req.logit_bias, min_p=req.min_p or 0.0, min_tokens=req.min_tokens or 0,
-                  logprobs=req.requested_logprobs())
+                  logprobs=req.requested_logprobs(),
+                  prompt_logprobs=req.requested_logprobs() if getattr(req, "echo", False) else None)
 
 
 def _refuse_unsupported(fields: list[str]) -> None:
@@ -77,7 +79,19 @@ def plan_completion(service: ModelService, req: api.CompletionRequest) -> Submis
     room = service.encoder.context_len
     tokens = [req.max_tokens if req.max_tokens is not None else min(api.DEFAULT_COMPLETION_TOKENS, room - len(p))
               for p in prompts]
-    return _submission(service, req, prompts, tokens, "prompt")
+    plan = _submission(service, req, prompts, tokens, "prompt")
+    if not req.echo:
+        return plan
+    texts = [req.prompt] if isinstance(req.prompt, str) else \
+        [p if isinstance(p, str) else service.encoder.decode(ids) for p, ids in zip(_prompt_list(req.prompt), prompts)]
+    return replace(plan, echoes=[text for text in texts for _ in range(req.n)])
+
+
+def _prompt_list(prompt) -> list:
+    """The request's prompts, one entry each: a string, or a list of token ids."""
+    if prompt and isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return [prompt]
+    return list(prompt)
 
 
 def plan_chat(service: ModelService, req: api.ChatCompletionRequest) -> Submission:
@@ -94,10 +108,12 @@ async def respond(service: ModelService, plan: Submission, chat: bool) -> dict:
     """The whole response (non-streaming)."""
     streams = await service.start(plan.prompts, plan.params, plan.prompt_param)
     choices = await service.collect(streams, plan.stops)
-    rows = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason} for c in choices]
+    echoes = plan.echoes or [""] * len(choices)
+    rows = [{"index": c.index, "text": echo + c.text, "finish_reason": c.finish_reason}
+            for c, echo in zip(choices, echoes)]
     if plan.params[0].logprobs is not None:
         for row, choice in zip(rows, choices):
-            row["logprobs"] = _logprobs(service, choice.logprobs, chat, 0)
+            row["logprobs"] = _logprobs(service, (choice.prompt_logprobs or []) + choice.logprobs, chat, 0)
     generated = sum(len(c.token_ids) for c in choices)
     build = api.chat_response if chat else api.completion_response
     return build(api.new_id("chatcmpl" if chat else "cmpl"), service.name, rows, plan.prompt_tokens, generated)
@@ -116,10 +132,17 @@ async def chunks(service: ModelService, plan: Submission, streams: list, chat: b
         for index in range(len(streams)):
             yield api.chat_chunk(rid, service.name, created, index, {"role": "assistant", "content": ""}, None)
     generated, offsets = 0, [0] * len(streams)  # completions: each choice's text_offset so far
+    echoed = [plan.echoes is None] * len(streams)
     try:
         async with aclosing(service.stream(streams, plan.stops)) as pieces:
             async for piece in pieces:
                 generated += len(piece.token_ids)
+                if not echoed[piece.index]:  # echo: the prompt's text (and logprobs) first, once it is computed
+                    echoed[piece.index] = True
+                    scores = _logprobs(service, piece.prompt_logprobs, chat, 0) if piece.prompt_logprobs else None
+                    offsets[piece.index] = sum(map(len, scores["tokens"])) if scores else 0
+                    yield api.completion_chunk(rid, service.name, created, piece.index, plan.echoes[piece.index],
+                                               None, scores)
                 scores = None
                 if piece.logprobs:
                     scores = _logprobs(service, piece.logprobs, chat, offsets[piece.index])

@@ -51,6 +51,7 @@ class TokenEvent:
     token_id: int
     at: float  # time.perf_counter() when the step that sampled it returned
     logprob: TokenLogprob | None = None  # when the request's params ask
+    prompt_logprobs: list[TokenLogprob] | None = None  # with a request's first token, when its params ask
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,8 @@ class EngineLoop:
                     self.observer.on_token(stream, now)
                 stream.first_token_at = stream.first_token_at or now
                 stream.last_token_at = now
-                batches[stream.loop].append((stream.queue, TokenEvent(token, now, result.logprobs.get(request_id))))
+                batches[stream.loop].append((stream.queue, TokenEvent(token, now, result.logprobs.get(request_id),
+                                                                      result.prompt_logprobs.get(request_id))))
         for completion in finished:
             stream = self._streams.pop(completion.request_id, None)
             if stream is not None:

@@ -84,14 +84,15 @@ Prompt = (Annotated[str, Field(description="text")] | list[str] | list[TokenId]
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    echo: bool = Field(False, description="not supported: false")
+    echo: bool = Field(False, description="the prompt before the completion in the text (and its tokens' "
+                       "logprobs first, with logprobs)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the sampled token's logprob and the "
                                  f"N most likely alternatives' (0-{MAX_LOGPROBS}) for every generated token")
     best_of: int | None = Field(None, description="not supported: null or 1")
     suffix: str | None = Field(None, description="not supported: null")
 
     def unsupported_fields(self) -> list[str]:
-        flags = {"echo": self.echo, "best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}
+        flags = {"best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}
         return [name for name, bad in flags.items() if bad]
 
     def requested_logprobs(self) -> int | None:

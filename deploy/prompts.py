@@ -86,6 +86,11 @@ class PromptEncoder:
             raise invalid(f"'{param}' holds token id {bad[0]}: expected ids in [0, {self.vocab_size})", param)
         return self.check(list(ids), param)
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (``echo`` of a token-id prompt; without a tokenizer the
+        ids' ``token_id:N`` names)."""
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else "".join(map(self.token_text, ids))
+
     def completion_prompts(self, prompt: str | list) -> list[list[int]]:
         """The four OpenAI prompt forms: text, texts, token ids, lists of token ids."""
         if isinstance(prompt, str):

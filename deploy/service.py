@@ -60,6 +60,7 @@ class Piece:
     token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, when the params ask
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a choice's first piece, when the params ask
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Choice:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,13 +184,14 @@ class ModelService:
         choices: list[Choice] = []
         try:
             for index, (stream, stop) in enumerate(zip(streams, stops)):
-                text, ids, scores, reason = [], [], [], None
+                text, ids, scores, prompt, reason = [], [], [], None, None
                 async for piece in self._pieces(index, stream, stop):
                     text.append(piece.text)
                     ids.extend(piece.token_ids)
                     scores.extend(piece.logprobs)
+                    prompt = prompt or piece.prompt_logprobs
                     reason = piece.finish_reason
-                choices.append(Choice(index, "".join(text), ids, reason or "abort", scores))
+                choices.append(Choice(index, "".join(text), ids, reason or "abort", scores, prompt))
         finally:
             self.abort(streams)
         return choices
@@ -235,17 +238,18 @@ class ModelService:
         events = aiter(stream)
         while True:
             event = await self._next_event(stream, events)
-            ids, piece, scores = [], [], []
+            ids, piece, scores, prompt = [], [], [], None
             while isinstance(event, TokenEvent):
                 ids.append(event.token_id)
                 piece.append(text.push(event.token_id))
                 if event.logprob is not None:
                     scores.append(event.logprob)
+                prompt = prompt or event.prompt_logprobs
                 if stream.queue.empty():
                     break
                 event = await self._next_event(stream, events)
             if ids:
-                yield Piece(index, "".join(piece), ids, logprobs=scores)
+                yield Piece(index, "".join(piece), ids, logprobs=scores, prompt_logprobs=prompt)
             if isinstance(event, FinishEvent):
                 yield Piece(index, text.finish(event.completion.text), [], event.completion.finish_reason)
                 return

@@ -27,7 +27,7 @@ from raymoe.workers.model.checkpoint import Checkpoint, load_model
 from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.rank import RankActor
 from raymoe.workers.replan import MoveStats, move_experts
-from raymoe.workers.sampling import TokenLogprob, sample_and_score
+from raymoe.workers.sampling import TokenLogprob, sample_and_score, score
 from raymoe.workers.stats import LayerTraffic
 from raymoe.workers.step import StepInput
 
@@ -40,6 +40,8 @@ class CoherentOutput:
     logits: dict[int, torch.Tensor]
     layers: list[LayerTraffic]
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # of those whose params ask
+    # prompt logprobs of the prompt rows hosted here at the end: sequence -> [(row among its targets, entry)]
+    prompt_logprobs: dict[int, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
     coherence_bytes: int = 0
     coherence_collectives: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -131,19 +133,44 @@ class CoherentRank(RankActor):
         self.cache.write(layer.index, empty, empty, h.new_empty(0, *k_shape), h.new_empty(0, *v_shape))
         return h
 
-    def _sample(self, step: StepInput, hosted: Hosted, seq_of: torch.Tensor) -> CoherentOutput:
-        """Logits and tokens for the sequences whose last token ended on this rank."""
-        last = torch.cumsum(torch.bincount(seq_of, minlength=len(step.seqs)), 0) - 1  # [B]
-        mine = torch.isin(hosted.tokens, last)
-        if self.cache.replicated:  # a model without MoE layers: each sequence samples on its owner
+    def _mine(self, step: StepInput, hosted: Hosted, seq_of: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Which hosted tokens are among the step's token ``rows`` and are this rank's to
+        finish (each once: in a model without MoE layers every rank hosts every token,
+        and a sequence's owner finishes it)."""
+        mine = torch.isin(hosted.tokens, rows)
+        if self.cache.replicated:
             owner = torch.tensor([s.slot % self.num_ranks for s in step.seqs], device=self.device)
             mine &= owner[seq_of[hosted.tokens]] == self.rank_index
+        return mine
+
+    def _sample(self, step: StepInput, hosted: Hosted, seq_of: torch.Tensor) -> CoherentOutput:
+        """Logits and tokens for the sequences whose last token ended on this rank, and
+        the prompt logprobs of the prompt rows that did."""
+        last = torch.cumsum(torch.bincount(seq_of, minlength=len(step.seqs)), 0) - 1  # [B]
+        mine = self._mine(step, hosted, seq_of, last)
+        out = CoherentOutput({}, {}, [], prompt_logprobs=self._score_prompts(step, hosted, seq_of))
         if not mine.any():
-            return CoherentOutput({}, {}, [])
+            return out
         seqs = seq_of[hosted.tokens[mine]].tolist()
         logits = self.model.logits(hosted.h[mine]).float().cpu()
         chosen, scores = sample_and_score(logits, [step.seqs[b].params for b in seqs],
                                           [step.seqs[b].generated for b in seqs], [step.seqs[b].history for b in seqs])
-        keep = step.return_logits
-        return CoherentOutput(dict(zip(seqs, chosen)), {b: logits[i] for i, b in enumerate(seqs)} if keep else {}, [],
-                              logprobs={b: s for b, s in zip(seqs, scores) if s is not None})
+        out.tokens = dict(zip(seqs, chosen))
+        out.logits = {b: logits[i] for i, b in enumerate(seqs)} if step.return_logits else {}
+        out.logprobs = {b: s for b, s in zip(seqs, scores) if s is not None}
+        return out
+
+    def _score_prompts(self, step: StepInput, hosted: Hosted, seq_of: torch.Tensor) -> dict:
+        """``CoherentOutput.prompt_logprobs`` (``StepInput.prompt_scores``)."""
+        targets = {first + i: (b, i, t) for b, first, ts in step.prompt_scores for i, t in enumerate(ts)}
+        if not targets:
+            return {}
+        mine = self._mine(step, hosted, seq_of, torch.tensor(sorted(targets), device=self.device))
+        if not mine.any():
+            return {}
+        logprobs = torch.log_softmax(self.model.logits(hosted.h[mine]).float().cpu(), dim=-1)
+        out: dict[int, list] = {}
+        for k, row in enumerate(hosted.tokens[mine].tolist()):
+            b, i, target = targets[row]
+            out.setdefault(b, []).append((i, score(logprobs[k], target, step.seqs[b].params.prompt_logprobs)))
+        return out

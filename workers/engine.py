@@ -31,6 +31,7 @@ class Completion:
     text: str | None
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token (the first's logprob None), when asked
 
 
 @dataclass
@@ -43,6 +44,7 @@ class StepResult:
     finished: list[Completion]
     logits: dict[str, torch.Tensor]
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # with each one's first token
 
 
 class QueueFullError(RuntimeError):
@@ -76,6 +78,23 @@ def finish_text(tokenizer: Tokenizer | None, seq: Sequence) -> str | None:
         if stop in text:
             text = text[: text.index(stop)]
     return text
+
+
+def _prompt_scores(seq: Sequence) -> tuple[int, tuple[int, ...]]:
+    """``SeqStep.prompt_scores`` of this step: the rows (positions ``i``) of its chunk that
+    score prompt token ``i + 1`` and have not yet (a replay or a recomputation after
+    preemption scores nothing twice)."""
+    if seq.request.params.prompt_logprobs is None:
+        return 0, ()
+    prompt = seq.request.prompt_ids
+    first = max(seq.cached, len(seq.prompt_logprobs))
+    last = min(seq.step_end, len(prompt) - 1)
+    return (first - seq.cached, tuple(prompt[first + 1 : last + 1])) if last > first else (0, ())
+
+
+def prompt_logprobs(seq: Sequence) -> list[TokenLogprob]:
+    """One entry per prompt token: the first has no logprob, the others what was scored."""
+    return [TokenLogprob(seq.request.prompt_ids[0], None), *seq.prompt_logprobs]
 
 
 class Engine:
@@ -131,6 +150,10 @@ class Engine:
         sampled = [i for i, s in enumerate(seqs) if s.samples]
         ids = {i: seqs[i].request.request_id for i in sampled}
         logits = {rid: out.logits[i] for i, rid in ids.items()} if return_logits else {}
+        for b, entries in (out.prompt_logprobs or {}).items():
+            seqs[b].prompt_logprobs.extend(entries)
+        prompts = {rid: prompt_logprobs(seqs[i]) for i, rid in ids.items()
+                   if not seqs[i].output_ids and seqs[i].request.params.prompt_logprobs is not None}
         scores = {}
         if out.logprobs is not None:
             scores = {rid: out.logprobs[i] for i, rid in ids.items() if out.logprobs[i] is not None}
@@ -138,7 +161,7 @@ class Engine:
                 if out.logprobs[i] is not None:
                     seqs[i].logprobs.append(out.logprobs[i])
         finished = [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)]
-        return StepResult({rid: out.tokens[i] for i, rid in ids.items()}, finished, logits, scores)
+        return StepResult({rid: out.tokens[i] for i, rid in ids.items()}, finished, logits, scores, prompts)
 
     def _seq_step(self, seq: Sequence) -> SeqStep:
         p = seq.request.params
@@ -149,13 +172,14 @@ class Engine:
             history = History(banned, tuple(seq.request.prompt_ids) if p.repetition_penalty != 1.0 else (),
                               tuple(seq.output_ids) if p.penalized else ())
         return SeqStep(self._seq_of[seq.request.request_id], seq.slot, seq.pending, seq.cached,
-                       len(seq.output_ids), p, history, tuple(seq.blocks))
+                       len(seq.output_ids), p, history, tuple(seq.blocks), _prompt_scores(seq))
 
     def _completion(self, seq: Sequence) -> Completion:
         self._seq_of.pop(seq.request.request_id, None)
         return Completion(seq.request.request_id, seq.request.prompt_ids, seq.output_ids,
                           finish_text(self.tokenizer, seq), seq.finish_reason,
-                          seq.logprobs if seq.request.params.logprobs is not None else None)
+                          seq.logprobs if seq.request.params.logprobs is not None else None,
+                          prompt_logprobs(seq) if seq.request.params.prompt_logprobs is not None else None)
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Token-id prompts in, completions out (in prompt order)."""

@@ -127,4 +127,5 @@ class FrontEnd(RankActor):
                           micro_batches=max(1, len(step.micro_batches)))
         stats.seconds.update(attention=time.perf_counter() - started - waited, dispatch=experts.seconds["dispatch"],
                              combine=experts.seconds["combine_wait"])
-        return StepOutput(out.tokens, stats, out.logits if step.return_logits else None, out.logprobs)
+        return StepOutput(out.tokens, stats, out.logits if step.return_logits else None, out.logprobs,
+                          out.prompt_logprobs)

@@ -14,7 +14,7 @@ from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
 from raymoe.workers.model.kv_cache import KVCache, KVLayout
 from raymoe.workers.model.static_decode import DecodeGraphs
 from raymoe.workers.overlap import SplitExperts, two_batch_forward
-from raymoe.workers.sampling import sample_and_score
+from raymoe.workers.sampling import sample_and_score, score_prompt
 from raymoe.workers.stats import StepStats
 from raymoe.workers.step import StepInput, StepOutput
 from raymoe.workers.trace import TraceRecorder
@@ -48,33 +48,49 @@ class ModelRunner:
         interleaved (``workers/overlap.py``): ``experts`` must then be a ``SplitExperts``."""
         for s in step.seqs:
             self.cache.set_blocks(s.slot, s.blocks)
+        prompt_logprobs = None
         if len(step.micro_batches) == 2:
             logits, computed = self._forward_two(step, experts)
-        elif self.graphs is not None and experts is None and self.recorder is None and step.decode:
+        elif self.graphs is not None and experts is None and self.recorder is None and step.decode \
+                and not step.prompt_scores:
             logits = self.graphs.run([s.tokens[0] for s in step.seqs], [s.start for s in step.seqs],
                                      [s.slot for s in step.seqs])
             computed = len(step.seqs)
         else:
-            logits, computed = self._forward(step, experts)
+            logits, computed, prompt_logprobs = self._forward(step, experts)
         logits = logits.float().cpu()
         tokens, scores = sample_and_score(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs],
                                           [s.history for s in step.seqs])
         return StepOutput(tokens, StepStats(computed, len(step.seqs), []), logits,
-                          scores if any(x is not None for x in scores) else None)
+                          scores if any(x is not None for x in scores) else None, prompt_logprobs)
 
     def _batch(self, seqs) -> ForwardBatch:
         return ForwardBatch.build([s.tokens for s in seqs], [s.start for s in seqs],
                                   [s.slot for s in seqs]).to(self.device)
 
-    def _forward(self, step: StepInput, experts: ExpertExecutor | None) -> tuple[torch.Tensor, int]:
+    def _forward(self, step: StepInput, experts: ExpertExecutor | None):
+        """Last-token logits ``[B, V]``, tokens computed, and the prompt logprobs the step's
+        ``prompt_scores`` ask for (sequence index -> entries), or None."""
         batch = self._batch(step.seqs)
         self.cache.reserve(batch.max_len)
         observer = self.recorder.observer if self.recorder else None
-        logits = self.model(batch, self.cache, experts=experts, on_route=observer)
+        scored = step.prompt_scores  # [(sequence index, first row in T, targets)]
+        rows = None
+        if scored:
+            extra = [first + i for _, first, targets in scored for i in range(len(targets))]
+            rows = torch.cat((batch.last_token, torch.tensor(extra, dtype=torch.long))).to(self.device)
+        logits = self.model(batch, self.cache, experts=experts, on_route=observer, rows=rows)
         if self.recorder:
             self.recorder.end_step([step.seqs[i].seq_id for i in batch.seq_index.tolist()], batch.positions.cpu(),
                                    [s.generated == 0 for s in step.seqs for _ in s.tokens])
-        return logits, batch.num_tokens
+        if not scored:
+            return logits, batch.num_tokens, None
+        logits, extra_logits = logits[: len(step.seqs)], logits[len(step.seqs):].float().cpu()
+        out, at = {}, 0
+        for b, _, targets in scored:
+            out[b] = score_prompt(extra_logits[at : at + len(targets)], targets, step.seqs[b].params.prompt_logprobs)
+            at += len(targets)
+        return logits, batch.num_tokens, out
 
     def _forward_two(self, step: StepInput, experts: SplitExperts) -> tuple[torch.Tensor, int]:
         if self.recorder is not None:

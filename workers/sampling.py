@@ -180,6 +180,13 @@ def score(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
+def score_prompt(logits: torch.Tensor, targets: tuple[int, ...], top: int) -> list[TokenLogprob]:
+    """Prompt logprobs: row i of ``logits [n, V]`` (the model's, unprocessed: no sampling
+    parameter applies to a prompt) scores ``targets[i]``."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [score(logprobs[i], t, top) for i, t in enumerate(targets)]
+
+
 def token_generator(seed: int, index: int) -> torch.Generator:
     """The generator for the ``index``-th generated token of a request seeded ``seed``."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))

@@ -71,6 +71,7 @@ class Sequence:
     parent: int = -1  # the serial of the last keyed block's key (workers/block_pool.py)
     admitted: int = -1  # admission order (the youngest is preempted first)
     logprobs: list = field(default_factory=list)  # a TokenLogprob per output token, when the params ask
+    prompt_logprobs: list = field(default_factory=list)  # for prompt positions 1, 2, ... (echo), so far
 
     @property
     def all_ids(self) -> list[int]:
@@ -213,8 +214,8 @@ class Scheduler:
     def _take_prefix(self, seq: Sequence) -> None:
         """Hold the cached blocks of ``seq``'s leading full blocks (not its last token:
         that one must be computed to sample from) and skip their prefill."""
-        if not self.prefix_caching or seq.blocks:
-            return
+        if not self.prefix_caching or seq.blocks or seq.request.params.prompt_logprobs is not None:
+            return  # (prompt logprobs need every prompt token computed)
         size, ids = self.kv.block_size, seq.all_ids
         for i in range((len(ids) - 1) // size):
             found = self.pool.lookup((seq.parent, tuple(ids[i * size : (i + 1) * size])))

@@ -24,6 +24,9 @@ class SeqStep:
     params: SamplingParams
     history: History = History()  # what its logits processors need (workers/sampling.py)
     blocks: tuple[int, ...] = ()
+    # prompt logprobs (echo): rows offset, offset + 1, ... of ``tokens`` score the next
+    # token of the prompt, ``targets`` (empty: none)
+    prompt_scores: tuple[int, tuple[int, ...]] = (0, ())
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,18 @@ class StepInput:
     # Sequences per micro-batch: () or (B,) runs the step whole, (B0, B1) as two
     # interleaved micro-batches, seqs[:B0] and seqs[B0:] (``workers/overlap.py``).
     micro_batches: tuple[int, ...] = ()
+
+    @property
+    def prompt_scores(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """``(sequence index, first row in the step's T tokens, targets)`` of every
+        sequence that scores prompt tokens this step (tokens in ``seqs`` order)."""
+        out, start = [], 0
+        for b, s in enumerate(self.seqs):
+            offset, targets = s.prompt_scores
+            if targets:
+                out.append((b, start + offset, targets))
+            start += len(s.tokens)
+        return out
 
     @property
     def decode(self) -> bool:
@@ -47,6 +62,7 @@ class StepOutput:
     stats: StepStats
     logits: torch.Tensor | None = None  # [B, V] float32 when asked for
     logprobs: list[TokenLogprob | None] | None = None  # per sequence, for those whose params ask
+    prompt_logprobs: dict[int, list[TokenLogprob]] | None = None  # sequence index -> its prompt_scores' entries
 
 
 @dataclass

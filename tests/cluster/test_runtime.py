@@ -124,7 +124,7 @@ def test_penalties_bias_and_min_tokens_sample_as_in_one_process(ray_session, mod
     (greedy and seeded), and scores them the same (logprobs, 1e-5)."""
     ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
     params = [SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.4,
-                             logprobs=3),
+                             logprobs=3, prompt_logprobs=2),
               SamplingParams(max_new_tokens=12, temperature=0.9, seed=3, min_p=0.1, repetition_penalty=2.0,
                              logit_bias=((7, 3.0),), logprobs=0),
               SamplingParams(max_new_tokens=12, min_tokens=6, stop_token_ids=(7,), logit_bias=((7, 50.0),))]
@@ -136,6 +136,10 @@ def test_penalties_bias_and_min_tokens_sample_as_in_one_process(ray_session, mod
     for a, b in zip(got[:2], want[:2]):
         assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-5)
         assert [[t for t, _ in e.top] for e in a.logprobs] == [[t for t, _ in e.top] for e in b.logprobs]
+    # echo: every prompt token's logprob, wherever the coherent layout's tokens ended
+    assert len(got[0].prompt_logprobs) == len(PROMPTS[0]) and got[1].prompt_logprobs is None
+    assert [e.logprob for e in got[0].prompt_logprobs[1:]] == pytest.approx(
+        [e.logprob for e in want[0].prompt_logprobs[1:]], abs=1e-5)
 
 
 def test_replicated_experts_equal_reference(ray_session, models):

@@ -45,7 +45,7 @@ CASES = [
     ("completions", {**GOOD, "stop": ""}, 400, "stop", "", None),
     ("completions", {**GOOD, "stop_token_ids": [500]}, 400, "stop_token_ids", "500", None),
     ("completions", {**GOOD, "logprobs": 21}, 400, "logprobs", "less than or equal to 20", None),
-    ("completions", {**GOOD, "echo": True}, 400, "echo", "not supported", None),
+    ("completions", {**GOOD, "best_of": 2}, 400, "best_of", "not supported", None),
     ("completions", {**GOOD, "presence_penalty": 2.5}, 400, "presence_penalty", "2.5", None),
     ("completions", {**GOOD, "logit_bias": {"abc": 1}}, 400, "logit_bias", "'abc'", None),
     ("completions", {**GOOD, "logit_bias": {"96": 1}}, 400, "logit_bias", "'96'", None),

@@ -218,3 +218,35 @@ def test_chat_logprobs_and_top_logprobs(client, server, reference):
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, logprobs=True,
                                        top_logprobs=21)
+
+
+def test_echo_returns_the_prompt_and_its_logprobs(client, server, reference):
+    """``echo`` with ``logprobs``: the text is the prompt's then the completion's; the
+    prompt's tokens come first in the logprobs, the first without one, the others the
+    reference engine's log-softmax at the position before them (1e-5); streamed, the
+    prompt comes first, once it is computed."""
+    import torch
+
+    from raymoe.workers.model.batch import ForwardBatch
+
+    ids = reference.tokenizer.encode(PROMPT)
+    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                    echo=True, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.text.startswith(PROMPT) and len(choice.text) > len(PROMPT)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 4 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.inference_mode():
+        want = torch.log_softmax(reference.model(ForwardBatch.build([ids], [0]), all_logits=True), -1)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([float(want[i, ids[i + 1]]) for i in range(len(ids) - 1)],
+                                                          abs=1e-5)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 4
+    plain = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                      extra_body={"ignore_eos": True})
+    assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None
+    chunks = list(client.completions.create(model=server.model, prompt=PROMPT, max_tokens=4, temperature=0,
+                                            logprobs=2, echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text == PROMPT
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs

@@ -78,3 +78,33 @@ def test_openai_shapes():
     chat = chat_logprobs(entries[:1], text_of)
     assert chat == {"content": [{"token": "bc", "logprob": -0.5, "bytes": [98, 99], "top_logprobs": [
         {"token": "bc", "logprob": -0.5, "bytes": [98, 99]}, {"token": "a", "logprob": -1.5, "bytes": [97]}]}]}
+
+
+@pytest.mark.parametrize("budget, pool_blocks", [(None, None), (16, None), (16, 6)])
+def test_prompt_logprobs_equal_one_pass_over_the_prompt(budget, pool_blocks):
+    """``prompt_logprobs`` (echo): every prompt token after the first is scored by the
+    model's log-softmax at the position before it, as one pass over the whole prompt
+    without a cache gives it, whether the prompt is prefilled whole, in 16-token chunks,
+    or (a 6-block pool shared by two prompts) recomputed after a preemption; nothing
+    twice, and the cached prefix is not used for it."""
+    from raymoe.workers.model.attention import cache_shapes
+    from raymoe.workers.model.batch import ForwardBatch
+    from raymoe.workers.model.kv_cache import token_bytes
+
+    model = load_model(ROOT / "models" / "tiny-moe")
+    prompts = [list(range(10, 60)), list(range(100, 140))]
+    memory = None if pool_blocks is None else pool_blocks * 16 * token_bytes(cache_shapes(model.config), torch.float32)
+    engine = ReferenceEngine(model, max_seqs=4, max_seq_len=96, max_num_batched_tokens=budget, kv_cache_memory=memory)
+    engine.generate_ids([prompts[0][:40] + [1]], SamplingParams(max_new_tokens=1))  # a cached prefix of prompt 0
+    params = SamplingParams(max_new_tokens=20, prompt_logprobs=3, ignore_eos=True)
+    done = engine.generate_ids(prompts, params)
+    if pool_blocks:
+        assert engine.scheduler.stats.preemptions > 0
+    with torch.inference_mode():
+        for prompt, completion in zip(prompts, done):
+            want = torch.log_softmax(model(ForwardBatch.build([prompt], [0]), all_logits=True), -1)
+            got = completion.prompt_logprobs
+            assert [e.token for e in got] == prompt and got[0].logprob is None and completion.logprobs is None
+            for i, entry in enumerate(got[1:]):
+                assert entry.logprob == pytest.approx(float(want[i, prompt[i + 1]]), abs=1e-5)
+                assert [t for t, _ in entry.top] == torch.topk(want[i], 3).indices.tolist()

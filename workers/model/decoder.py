@@ -122,13 +122,14 @@ class MoEForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, cache: KVCache | None = None,
                 experts: ExpertExecutor | None = None, on_route: RouteObserver | None = None,
-                all_logits: bool = False) -> torch.Tensor:
-        """Logits of each sequence's last new token ``[B, V]`` (``[T, V]`` with all_logits).
+                all_logits: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of each sequence's last new token ``[B, V]`` (``[T, V]`` with all_logits;
+        ``[N, V]`` of the token rows ``rows [N]`` when given).
 
         With ``cache`` the new keys and values are stored and earlier ones attended to;
         without it every sequence must start at position 0.
         """
-        run = self.layer_steps(batch, cache, on_route, all_logits)
+        run = self.layer_steps(batch, cache, on_route, all_logits, rows)
         try:
             request = next(run)
             while True:
@@ -139,7 +140,8 @@ class MoEForCausalLM(nn.Module):
             return done.value
 
     def layer_steps(self, batch: ForwardBatch, cache: KVCache | None = None, on_route: RouteObserver | None = None,
-                    all_logits: bool = False) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
+                    all_logits: bool = False, rows: torch.Tensor | None = None
+                    ) -> Generator[MoERequest, torch.Tensor, torch.Tensor]:
         """The forward pass as a generator: it yields each MoE layer's request
         ``(moe_index, layer, x [T, D], routing)`` for the routed experts, is sent their
         combined output ``[T, D]``, and returns the logits (as ``forward``). Engines that
@@ -158,4 +160,6 @@ class MoEForCausalLM(nn.Module):
                 moe_index += 1
             else:
                 h = layer.dense(h, x)
+        if rows is not None:
+            return self.logits(h[rows])
         return self.logits(h if all_logits or batch.decode else h[batch.last_token])  # decode: [T] is [B]
