@@ -39,7 +39,11 @@ def to_completion(service: ModelService, request: pb.GenerateRequest) -> api.Com
               "max_tokens": _optional(request, "max_tokens"),
               "temperature": 0.0 if temperature is None else temperature,
               "top_p": _optional(request, "top_p"), "top_k": _optional(request, "top_k"),
-              "seed": _optional(request, "seed"), "stop": list(request.stop) or None, "ignore_eos": request.ignore_eos}
+              "seed": _optional(request, "seed"), "stop": list(request.stop) or None, "ignore_eos": request.ignore_eos,
+              "stop_token_ids": list(request.stop_token_ids) or None,
+              "logit_bias": {str(k): v for k, v in request.logit_bias.items()} or None,
+              **{name: _optional(request, name) for name in ("presence_penalty", "frequency_penalty",
+                                                              "repetition_penalty", "min_p", "min_tokens", "logprobs")}}
     try:
         return api.CompletionRequest.model_validate(fields)
     except ValidationError as exc:
@@ -63,6 +67,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
                     total_tokens=prompt_tokens + completion_tokens)
 
 
+def _logprobs(service: ModelService, entries) -> list[pb.TokenLogprob]:
+    text_of = service.encoder.token_text
+    return [pb.TokenLogprob(token_id=e.token, token=text_of(e.token), logprob=e.logprob,
+                            top_logprobs=[pb.TopLogprob(token_id=t, token=text_of(t), logprob=v) for t, v in e.top])
+            for e in entries]
+
+
 def _refuse(context, exc: APIError) -> None:
     context.set_code(exc.grpc_code)
     context.set_details(exc.message)
@@ -77,7 +88,8 @@ async def generate(service: ModelService, request: pb.GenerateRequest, context) 
         status = 200
         return pb.GenerateResponse(id=api.new_id("gen"), model=service.name, text=choice.text,
                                    token_ids=choice.token_ids, finish_reason=choice.finish_reason,
-                                   usage=_usage(plan.prompt_tokens, len(choice.token_ids)))
+                                   usage=_usage(plan.prompt_tokens, len(choice.token_ids)),
+                                   logprobs=_logprobs(service, choice.logprobs))
     except APIError as exc:
         status = exc.status
         _refuse(context, exc)
@@ -102,7 +114,8 @@ async def generate_stream(service: ModelService, request: pb.GenerateRequest,
                 final = piece.finish_reason is not None
                 yield pb.GenerateChunk(id=rid, text=piece.text, token_ids=piece.token_ids,
                                        finish_reason=piece.finish_reason or "",
-                                       usage=_usage(plan.prompt_tokens, generated) if final else None)
+                                       usage=_usage(plan.prompt_tokens, generated) if final else None,
+                                       logprobs=_logprobs(service, piece.logprobs))
         status = 200
     except APIError as exc:
         status = exc.status

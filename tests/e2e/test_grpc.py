@@ -52,6 +52,27 @@ def test_seeded_sampling_and_token_id_prompts(server, stub):
     assert by_ids.text == http["choices"][0]["text"]
 
 
+def test_penalties_bias_and_logprobs_as_over_http(server, stub):
+    """The sampling controls and logprobs of the HTTP API, in the proto: the same text and
+    the same logprobs (float32 on the wire), unary and streamed."""
+    fields = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3, min_p=0.05, min_tokens=3)
+    http = _http_text(server, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=2, logit_bias={"40": 5.0},
+                      stop_token_ids=[1], **fields)
+    request = pb.GenerateRequest(prompt=PROMPT, max_tokens=10, logprobs=2, logit_bias={40: 5.0}, stop_token_ids=[1],
+                                 **fields)
+    unary = stub.Generate(request, metadata=server.grpc_metadata(), timeout=60)
+    want = http["choices"][0]
+    assert unary.text == want["text"]
+    assert [e.logprob for e in unary.logprobs] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-6)
+    assert [e.token for e in unary.logprobs] == want["logprobs"]["tokens"]
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+               for e in unary.logprobs)
+    chunks = list(stub.GenerateStream(request, metadata=server.grpc_metadata(), timeout=60))
+    assert [e.logprob for c in chunks for e in c.logprobs] == [e.logprob for e in unary.logprobs]
+    plain = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=3), metadata=server.grpc_metadata(), timeout=60)
+    assert len(plain.logprobs) == 0
+
+
 @pytest.mark.parametrize("request_fields,code,needle", [
     (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "'prompt' is empty"),
     (dict(prompt="x", prompt_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
@@ -59,6 +80,9 @@ def test_seeded_sampling_and_token_id_prompts(server, stub):
     (dict(prompt="x", temperature=7.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     (dict(prompt_ids=[5, 10_000]), grpc.StatusCode.INVALID_ARGUMENT, "10000"),
     (dict(prompt="x", model="gpt-4"), grpc.StatusCode.NOT_FOUND, "gpt-4"),
+    (dict(prompt="x", logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
+    (dict(prompt="x", repetition_penalty=0.0), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
+    (dict(prompt="x", logit_bias={5000: 1.0}), grpc.StatusCode.INVALID_ARGUMENT, "logit_bias"),
 ])
 def test_bad_requests_get_status_codes(server, stub, request_fields, code, needle):
     for call in (stub.Generate, lambda *a, **k: list(stub.GenerateStream(*a, **k))):
