@@ -10,6 +10,7 @@ or takes the server down.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -35,7 +36,8 @@ from raymoe.deploy.service import ModelService
 
 log = logging.getLogger("raymoe.serve")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/admin/plan", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/admin/plan", "/health", "/metrics",
+          "/tokenize", "/detokenize", "/version")
 OPEN_ROUTES = ("/health",)  # the only routes that need no API key
 MAX_BODY_BYTES = 8 << 20
 ERRORS = {status: {"model": api.ErrorBody, "description": text} for status, text in (
@@ -206,6 +208,13 @@ def _document_errors_as_served(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("raymoe")
+    except importlib.metadata.PackageNotFoundError:  # a checkout run without installing it
+        return "unknown"
+
+
 def build_http_app(service: ModelService) -> FastAPI:
     app = FastAPI(title="raymoe", version="0.1.0",
                   description="OpenAI-compatible serving of a Mixture-of-Experts model on Ray (docs/serving.md)")
@@ -223,12 +232,38 @@ def build_http_app(service: ModelService) -> FastAPI:
 
     @app.get("/v1/models", responses=ERRORS)
     async def models():
-        return {"object": "list", "data": [api.model_card(service.name, service.created, service.encoder.context_len)]}
+        return {"object": "list", "data": [api.model_card(service.name, service.created, service.encoder.context_len,
+                                                          service.root)]}
 
     @app.get("/v1/models/{model:path}", responses=ERRORS)
     async def model(model: str):
         service.check_model(model or "-")
-        return api.model_card(service.name, service.created, service.encoder.context_len)
+        return api.model_card(service.name, service.created, service.encoder.context_len, service.root)
+
+    @app.post("/tokenize", responses=ERRORS)
+    async def tokenize(body: api.TokenizeRequest):
+        """A prompt, or chat messages through the chat template, to token ids (vLLM's route)."""
+        service.check_model(body.model or "")
+        if (body.prompt is None) == (body.messages is None):
+            raise invalid("send 'prompt' or 'messages', exactly one of them", "prompt")
+        encoder = service.encoder
+        if body.prompt is not None:
+            ids = encoder.tokenize(body.prompt)
+        else:
+            ids = encoder.chat_prompt([{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                                       for m in body.messages], body.chat_template_kwargs)
+        return {"count": len(ids), "max_model_len": encoder.context_len, "tokens": ids,
+                "token_strs": [encoder.token_text(t) for t in ids] if body.return_token_strs else None}
+
+    @app.post("/detokenize", responses=ERRORS)
+    async def detokenize(body: api.DetokenizeRequest):
+        """Token ids to text (vLLM's route)."""
+        service.check_model(body.model or "")
+        return {"prompt": service.encoder.decode(service.encoder.known_ids(body.tokens, "tokens"))}
+
+    @app.get("/version", responses=ERRORS)
+    async def version():
+        return {"version": _version()}
 
     @app.post("/v1/admin/plan", responses=ERRORS)
     async def set_plan(body: PlanChange):

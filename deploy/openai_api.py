@@ -148,6 +148,24 @@ class ChatCompletionRequest(SamplingFields):
         return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in self.messages]
 
 
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's): a ``prompt``, or chat ``messages`` rendered by the chat
+    template (with the assistant's turn opened), to token ids."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = Field(False, description="also each token's text")
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` (vLLM's): token ids to text."""
+
+    model: str | None = None
+    tokens: list[TokenId]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -208,5 +226,8 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int
             "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def model_card(name: str, created: int, context_len: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "raymoe", "max_model_len": context_len}
+def model_card(name: str, created: int, context_len: int, root: str = "") -> dict:
+    """The ``/v1/models`` entry: vLLM's fields (``max_model_len``; ``root``: the model
+    directory served; no ``parent``)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "raymoe", "max_model_len": context_len,
+            "root": root or name, "parent": None}

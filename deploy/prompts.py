@@ -71,20 +71,28 @@ class PromptEncoder:
         return self.tokenizer.token_text(token) if self.tokenizer is not None else f"token_id:{token}"
 
     def text(self, text: str, param: str = "prompt") -> list[int]:
+        return self.check(self.tokenize(text, param), param)
+
+    def tokenize(self, text: str, param: str = "prompt") -> list[int]:
+        """Token ids of ``text``, of any length (``text`` also checks them against the context)."""
         if not text:
             raise invalid(f"'{param}' is empty: send at least one character", param)
         _check_unicode(text, param)
         if self.tokenizer is None:
             raise invalid("this model has no tokenizer: send the prompt as token ids", param)
-        return self.check(self.tokenizer.encode(text), param)
+        return self.tokenizer.encode(text)
 
     def ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        return self.check(self.known_ids(ids, param), param)
+
+    def known_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """``ids``, each in the vocabulary, of any length."""
         if not ids:
             raise invalid(f"'{param}' is empty: send at least one token id", param)
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise invalid(f"'{param}' holds token id {bad[0]}: expected ids in [0, {self.vocab_size})", param)
-        return self.check(list(ids), param)
+        return list(ids)
 
     def decode(self, ids: list[int]) -> str:
         """The text of token ids (``echo`` of a token-id prompt; without a tokenizer the

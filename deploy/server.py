@@ -50,7 +50,7 @@ class RaymoeServer:
         encoder = PromptEncoder(self.engine.tokenizer, model.vocab_size, context_len, generation.sampling(),
                                 settings.chat_template)
         self.service = ModelService(settings.model_name, self.loop, encoder, metrics, settings.api_key,
-                                    settings.request_timeout_s, settings.strict_fields)
+                                    settings.request_timeout_s, settings.strict_fields, root=config.model)
         log.info("raymoe serving %s: %s layout, %d expert ranks, context %d, max_seqs %d", settings.model_name,
                  config.layout, config.expert_ranks, context_len, config.batching.max_seqs)
         log.info("chat template: %s; sampling defaults: %s; end-of-sequence ids: %s", encoder.chat.source,

@@ -89,10 +89,11 @@ class ModelService:
 
     def __init__(self, name: str, loop: EngineLoop, encoder: PromptEncoder, metrics: ServingMetrics,
                  api_key: str | None = None, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 strict_fields: bool = False):
+                 strict_fields: bool = False, root: str = ""):
         """``strict_fields``: refuse a request with a field raymoe does not know (400), instead
-        of ignoring it with a warning."""
+        of ignoring it with a warning. ``root``: the model directory (the model card's)."""
         self.name, self.loop, self.encoder, self.metrics = name, loop, encoder, metrics
+        self.root = root
         self.strict_fields = strict_fields
         self._api_key = api_key.encode() if api_key else None
         self.request_timeout_s = request_timeout_s

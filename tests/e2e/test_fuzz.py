@@ -37,7 +37,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.e2e.conftest import CONTEXT
 
 OPERATIONS = (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-              ("GET", "/v1/models/{model}"), ("POST", "/v1/admin/plan"), ("GET", "/health"), ("GET", "/metrics"))
+              ("GET", "/v1/models/{model}"), ("POST", "/v1/admin/plan"), ("GET", "/health"), ("GET", "/metrics"),
+              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 EXAMPLES = 50  # per operation and generation mode

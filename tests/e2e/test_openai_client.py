@@ -250,3 +250,28 @@ def test_echo_returns_the_prompt_and_its_logprobs(client, server, reference):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
     assert streamed == lp.token_logprobs
+
+
+def test_tokenize_detokenize_version_and_the_model_card(client, server, reference):
+    """vLLM's small routes: /tokenize (a prompt, or messages through the chat template),
+    /detokenize, /version, and the model card's max_model_len and root."""
+    import httpx2 as httpx
+
+    def post(path, body):
+        return httpx.post(f"{server.base_url}{path}", json=body, headers=server.headers(), timeout=30)
+
+    ids = reference.tokenizer.encode(PROMPT)
+    got = post("/tokenize", {"model": server.model, "prompt": PROMPT, "return_token_strs": True}).json()
+    assert got["tokens"] == ids and got["count"] == len(ids) and "".join(got["token_strs"]) == PROMPT
+    assert got["max_model_len"] == client.models.retrieve(server.model).model_extra["max_model_len"]
+    chat = post("/tokenize", {"messages": [{"role": "user", "content": "hello"}]}).json()
+    assert chat["tokens"] == reference.tokenizer.encode("[user] hello [assistant]") and chat["token_strs"] is None
+    assert post("/detokenize", {"tokens": ids}).json() == {"prompt": PROMPT}
+    assert post("/tokenize", {"prompt": PROMPT, "messages": [{"role": "user", "content": "x"}]}).status_code == 400
+    bad = post("/detokenize", {"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert post("/tokenize", {"model": "gpt-4", "prompt": "x"}).status_code == 404
+    version = httpx.get(f"{server.base_url}/version", headers=server.headers(), timeout=30).json()["version"]
+    assert version and version != "unknown"
+    card = client.models.retrieve(server.model).model_extra
+    assert card["root"] == str(server.model_dir) and card["parent"] is None
