@@ -52,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=["disaggregated", "coherent"], help="override the config's layout")
     parser.add_argument("--dtype", help="override the config's dtype (auto, float32, bfloat16, float16)")
     parser.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of the config's")
+    parser.add_argument("--max-num-seqs", type=int, help="override batching.max_seqs (sequences running at once)")
+    parser.add_argument("--max-model-len", type=int, help="override batching.max_seq_len (prompt + generated tokens)")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="override batching.max_num_batched_tokens "
+                        "(tokens per step; longer prompts are prefilled in chunks)")
+    parser.add_argument("--block-size", type=int, help="override batching.block_size (tokens per KV-cache block)")
+    parser.add_argument("--kv-cache-memory", help="override batching.kv_cache_memory (bytes per actor holding a KV "
+                        "cache: 4GiB, 512MiB, or a number)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="override batching.prefix_caching")
     parser.add_argument("--model-name", "--served-model-name", dest="model_name",
                         help="the name clients send as 'model' (default: the model directory's)")
     parser.add_argument("--api-key", default=None,
@@ -142,10 +151,13 @@ def app_args(args: argparse.Namespace) -> dict:
     out = {"config": str(args.config), "api_key_env": args.api_key_env, "log_level": args.log_level,
            "strict_fields": args.strict_fields,
            "request_timeout_s": args.request_timeout_s, "drain_timeout_s": args.drain_timeout_s}
-    for name in ("api_key", "chat_template", "model_name", "model", "expert_ranks", "layout", "dtype", "address"):
+    for name in ("api_key", "chat_template", "model_name", "model", "expert_ranks", "layout", "dtype", "address",
+                 "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "enable_prefix_caching"):
         value = getattr(args, name, None)
         if value is not None and value != "":
             out[name] = value
+    if getattr(args, "kv_cache_memory", None):  # a plain number is bytes
+        out["kv_cache_memory"] = int(args.kv_cache_memory) if args.kv_cache_memory.isdigit() else args.kv_cache_memory
     return out
 
 

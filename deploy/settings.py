@@ -8,7 +8,8 @@ stopping server lets the requests in flight finish (``drain_timeout_s``), and a 
 template that replaces the checkpoint's (``chat_template``: a Jinja file, or the template
 text itself, as vLLM's ``--chat-template``); and ``model``, ``expert_ranks``, ``layout``,
 ``dtype``, ``address``, which override those fields of the YAML (``raymoe serve --model
-DIR``). Relative paths are looked up in the current directory, then in the repository root.
+DIR``), and vLLM's names for the batching fields (``max_num_seqs``, ``max_model_len``,
+``max_num_batched_tokens``, ``block_size``, ``kv_cache_memory``, ``enable_prefix_caching``). Relative paths are looked up in the current directory, then in the repository root.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from raymoe.cluster.config import DeploymentConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# builder argument (vLLM's name) -> the batching field it overrides
+BATCHING_ARGS = {"max_num_seqs": "max_seqs", "max_model_len": "max_seq_len", "max_num_batched_tokens":
+                 "max_num_batched_tokens", "block_size": "block_size", "kv_cache_memory": "kv_cache_memory",
+                 "enable_prefix_caching": "prefix_caching"}
 
 
 class ServeArgsError(ValueError):
@@ -54,6 +61,13 @@ class ServeArgs(BaseModel):
     layout: str | None = None
     dtype: str | None = None
     address: str | None = None
+    # overrides of the YAML's batching section, by vLLM's names (docs/serving.md, "KV cache and scheduling")
+    max_num_seqs: int | None = None  # batching.max_seqs
+    max_model_len: int | None = None  # batching.max_seq_len
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    kv_cache_memory: int | str | None = None
+    enable_prefix_caching: bool | None = None  # batching.prefix_caching
     # the replica's "raymoe" loggers and Ray Serve's own (its LoggingConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # a request field raymoe does not know: false (default): ignored with a warning, as vLLM; true: a 400
@@ -93,6 +107,9 @@ def settings_from_args(args: dict) -> ServerSettings:
     overrides = {k: getattr(parsed, k) for k in ("expert_ranks", "layout", "dtype") if getattr(parsed, k) is not None}
     if parsed.address is not None:
         overrides["ray"] = dataclasses.replace(config.ray, address=parsed.address)
+    batching = {field: getattr(parsed, arg) for arg, field in BATCHING_ARGS.items() if getattr(parsed, arg) is not None}
+    if batching:
+        overrides["batching"] = dataclasses.replace(config.batching, **batching)
     if overrides:
         config = config.replace(**overrides)  # validated again: a bad value names its field
     changes = {"model": resolve_path(parsed.model, "model") if parsed.model else

@@ -65,6 +65,31 @@ def test_serve_takes_the_model_and_the_main_choices_without_a_yaml_of_its_own(tm
         settings_from_args({"config": str(args.config), "expert_ranks": 0})
 
 
+def test_serve_takes_vllms_batching_flags(tmp_path):
+    """``--max-num-seqs``, ``--max-model-len``, ``--max-num-batched-tokens``, ``--block-size``,
+    ``--kv-cache-memory`` and ``--[no-]enable-prefix-caching`` override the YAML's batching
+    section; a bad value names the batching field it lands in."""
+    import argparse
+
+    from raymoe.cluster.config import DeploymentConfigError
+    from raymoe.deploy import serve_cli
+    from raymoe.deploy.settings import settings_from_args
+
+    save_tiny_model("mixtral", tmp_path / "m")
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "m"), "--max-num-seqs", "64", "--max-model-len", "512",
+                              "--max-num-batched-tokens", "256", "--block-size", "32", "--kv-cache-memory", "64MiB",
+                              "--no-enable-prefix-caching"])
+    b = settings_from_args(serve_cli.app_args(args)).config.batching
+    assert (b.max_seqs, b.max_seq_len, b.max_num_batched_tokens, b.block_size, b.kv_cache_memory, b.prefix_caching) \
+        == (64, 512, 256, 32, "64MiB", False)
+    plain = settings_from_args(serve_cli.app_args(parser.parse_args(["--kv-cache-memory", "1000000"])))
+    assert plain.config.batching.kv_cache_memory == 1_000_000 and plain.config.batching.prefix_caching
+    with pytest.raises(DeploymentConfigError, match="batching.max_num_batched_tokens"):
+        settings_from_args(serve_cli.app_args(parser.parse_args(["--max-num-batched-tokens", "8"])))  # < max_seqs
+
+
 def test_serve_takes_an_api_key_a_log_level_and_strict_fields(tmp_path, monkeypatch):
     """``--api-key`` wins over ``--api-key-env``'s variable; ``--log-level`` reaches the
     replica's settings (its raymoe loggers and Ray Serve's LoggingConfig); a bad level is
