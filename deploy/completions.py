@@ -18,6 +18,7 @@ from raymoe.deploy import openai_api as api
 from raymoe.deploy.errors import invalid
 from raymoe.deploy.prompts import Limits
 from raymoe.deploy.service import ModelService, Piece
+from raymoe.workers.guided import GuideError, check_guide
 from raymoe.workers.sampling import SamplingParams
 
 
@@ -31,6 +32,33 @@ class Submission:
     prompt_tokens: int  # each prompt counted once
     prompt_param: str  # the request field that holds the prompt ("prompt" or "messages")
     echoes: list[str] | None = None  # completions with echo: each choice's prompt text, put before its text
+
+
+def _guide(service: ModelService, req: api.SamplingFields) -> tuple[str, str] | None:
+    """The request's structured-output constraint, compiled once here so that a bad one is
+    a 400 naming its field (``workers/guided.py``)."""
+    try:
+        guides = req.guides()
+    except ValueError:
+        raise invalid("'response_format' of type json_schema needs its 'json_schema': {'name': ..., 'schema': {...}}",
+                      "response_format") from None
+    if not guides:
+        return None
+    if len(guides) > 1:
+        raise invalid(f"set one structured-output constraint, not {len(guides)} ({', '.join(f for f, _ in guides)})",
+                      guides[1][0])
+    field, guide = guides[0]
+    if service.encoder.tokenizer is None:
+        raise invalid("structured output needs the model's tokenizer, which it does not have", field)
+    try:
+        tokenizer = service.encoder.guide_tokenizer()
+    except GuideError as exc:
+        raise invalid(exc.reason, field) from None
+    try:
+        check_guide(guide, tokenizer)
+    except GuideError as exc:
+        raise invalid(f"'{field}' cannot be compiled: {exc.reason}", field) from None
+    return guide
 
 
 def _limits(req: api.SamplingFields, max_tokens: int | None, defaults: dict) -> Limits:
@@ -60,9 +88,10 @@ def _refuse_unsupported(fields: list[str]) -> None:
 def _submission(service: ModelService, req: api.SamplingFields, prompts: list[list[int]],
                 max_tokens: list[int | None], prompt_param: str) -> Submission:
     params, all_prompts = [], []
+    guide = _guide(service, req)
     for prompt, tokens in zip(prompts, max_tokens):
-        base = service.encoder.sampling_params(_limits(req, tokens, service.encoder.defaults), len(prompt),
-                                               prompt_param)
+        limits = replace(_limits(req, tokens, service.encoder.defaults), guide=guide)
+        base = service.encoder.sampling_params(limits, len(prompt), prompt_param)
         for j in range(req.n):
             seed = None if req.seed is None else (req.seed + j) % 2**63
             params.append(base if j == 0 else replace(base, seed=seed))

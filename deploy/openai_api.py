@@ -10,6 +10,7 @@ otherwise (``unsupported_fields``), naming the field. ``top_k``, ``ignore_eos`` 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -67,6 +68,24 @@ class SamplingFields(_Strict):
     min_p: float | None = Field(None, ge=0, le=1, description="extension: drop tokens below min_p times the "
                                 "most likely one's probability")
     min_tokens: int | None = Field(None, ge=0, description="extension: no end-of-sequence or stop before this many")
+    guided_json: dict | str | None = Field(None, description="extension (vLLM's): the output follows this JSON schema")
+    guided_regex: str | None = Field(None, description="extension (vLLM's): the output matches this regex")
+    guided_choice: list[str] | None = Field(None, description="extension (vLLM's): the output is one of these")
+    guided_grammar: str | None = Field(None, description="extension (vLLM's): the output follows this Lark grammar")
+
+    def guides(self) -> list[tuple[str, tuple[str, str]]]:
+        """Every structured-output constraint the request sets: (field, (kind, value))."""
+        out = []
+        if self.guided_json is not None:
+            schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            out.append(("guided_json", ("json_schema", schema)))
+        if self.guided_regex is not None:
+            out.append(("guided_regex", ("regex", self.guided_regex)))
+        if self.guided_choice is not None:
+            out.append(("guided_choice", ("choice", json.dumps(self.guided_choice))))
+        if self.guided_grammar is not None:
+            out.append(("guided_grammar", ("grammar", self.guided_grammar)))
+        return out
 
     def unknown_fields(self) -> list[str]:
         """Top-level fields of the request that raymoe does not know, sorted."""
@@ -115,9 +134,16 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -126,17 +152,27 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = Field(None, description="return each generated token's logprob")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the N most likely "
                                      f"alternatives of each token (0-{MAX_LOGPROBS})")
-    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with its "
+                                                   "schema: the output follows it (structured output)")
     tools: list[dict] | None = Field(None, description="not supported: null or []")
     tool_choice: Literal["none", "auto"] | None = Field(None, description="not supported: null, 'none' or 'auto'")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="extension (as in vLLM): more variables for the chat template, e.g. {'enable_thinking': false}")
 
     def unsupported_fields(self) -> list[str]:
-        flags = {
-            "response_format": self.response_format is not None and self.response_format.type != "text",
-            "tools": bool(self.tools)}
+        flags = {"tools": bool(self.tools)}
         return [name for name, bad in flags.items() if bad]
+
+    def guides(self) -> list[tuple[str, tuple[str, str]]]:
+        out = super().guides()
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            out.append(("response_format", ("json_object", "")))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise ValueError("response_format.json_schema")
+            out.append(("response_format", ("json_schema", json.dumps(fmt.json_schema.schema_))))
+        return out
 
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

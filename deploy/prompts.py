@@ -41,6 +41,7 @@ class Limits:
     min_tokens: int = 0
     logprobs: int | None = None  # alternatives per generated token (None: no logprobs)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (``echo``)
+    guide: tuple[str, str] | None = None  # structured output (workers/guided.py)
 
 
 def _check_unicode(text: str, param: str) -> None:
@@ -62,9 +63,20 @@ class PromptEncoder:
         for requests that leave them out (``GenerationDefaults.sampling()``);
         ``chat_template``: (text, source) replacing the checkpoint's template."""
         self.tokenizer, self.vocab_size, self.context_len = tokenizer, vocab_size, context_len
+        self._guide_tokenizer = None
         self.defaults = dict(sampling_defaults or {})
         self.chat = ChatRenderer(tokenizer.config if tokenizer else None, bool(tokenizer and tokenizer.add_bos),
                                  tokenizer.chat_template_file if tokenizer else None, chat_template)
+
+    def guide_tokenizer(self):
+        """llguidance's view of the vocabulary (``workers/guided.py``), built at the first
+        structured-output request; GuideError when this tokenizer cannot be read."""
+        if self._guide_tokenizer is None:
+            from raymoe.workers.guided import ll_tokenizer
+
+            eos = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+            self._guide_tokenizer = ll_tokenizer(self.tokenizer.json_text, self.vocab_size, eos)
+        return self._guide_tokenizer
 
     def token_text(self, token: int) -> str:
         """One token's text, as logprobs show it (``token_id:N`` without a tokenizer, as vLLM)."""
@@ -174,6 +186,6 @@ class PromptEncoder:
                                   repetition_penalty=limits.repetition_penalty,
                                   logit_bias=self._logit_bias(limits.logit_bias), min_p=limits.min_p,
                                   min_tokens=limits.min_tokens, logprobs=limits.logprobs,
-                                  prompt_logprobs=limits.prompt_logprobs)
+                                  prompt_logprobs=limits.prompt_logprobs, guide=limits.guide)
         except SamplingParamsError as exc:
             raise from_engine_error(exc, prompt_param) from None

@@ -20,12 +20,14 @@ import torch
 from raymoe.workers.coherent_cache import CoherentKVCache
 from raymoe.workers.dispatch.coherent import CoherentMoE, Hosted
 from raymoe.workers.expert_map import LayerMap
+from raymoe.workers.guided import guide_masks, model_guides
 from raymoe.workers.experts import load_expert_stacks, refuse_quantized_move
 from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.checkpoint import Checkpoint, load_model
 from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.rank import RankActor
+from raymoe.workers.reference import checkpoint_eos_ids
 from raymoe.workers.replan import MoveStats, move_experts
 from raymoe.workers.sampling import TokenLogprob, sample_and_score, score
 from raymoe.workers.stats import LayerTraffic
@@ -59,6 +61,7 @@ class CoherentRank(RankActor):
         self.maps = [m.to(self.device) for m in maps]
         self.stacks = load_expert_stacks(ckpt, maps, rank, dtype, self.device, quantization)
         self.num_ranks = maps[0].num_ranks
+        self.guides = model_guides(model_path, self.config.vocab_size, checkpoint_eos_ids(model_path, self.config))
 
     def join(self, backend: str, address: str, rank: int, world_size: int, timeout_s: float) -> int:
         super().join(backend, address, rank, world_size, timeout_s)
@@ -154,7 +157,8 @@ class CoherentRank(RankActor):
         seqs = seq_of[hosted.tokens[mine]].tolist()
         logits = self.model.logits(hosted.h[mine]).float().cpu()
         chosen, scores = sample_and_score(logits, [step.seqs[b].params for b in seqs],
-                                          [step.seqs[b].generated for b in seqs], [step.seqs[b].history for b in seqs])
+                                          [step.seqs[b].generated for b in seqs], [step.seqs[b].history for b in seqs],
+                                          guide_masks(self.guides, [step.seqs[b] for b in seqs]))
         out.tokens = dict(zip(seqs, chosen))
         out.logits = {b: logits[i] for i, b in enumerate(seqs)} if step.return_logits else {}
         out.logprobs = {b: s for b, s in zip(seqs, scores) if s is not None}

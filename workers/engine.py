@@ -170,7 +170,7 @@ class Engine:
             banned = tuple(sorted({*self.scheduler.eos_token_ids, *p.stop_token_ids})) \
                 if len(seq.output_ids) < p.min_tokens else ()
             history = History(banned, tuple(seq.request.prompt_ids) if p.repetition_penalty != 1.0 else (),
-                              tuple(seq.output_ids) if p.penalized else ())
+                              tuple(seq.output_ids) if p.penalized or p.guide else ())
         return SeqStep(self._seq_of[seq.request.request_id], seq.slot, seq.pending, seq.cached,
                        len(seq.output_ids), p, history, tuple(seq.blocks), _prompt_scores(seq))
 

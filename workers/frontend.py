@@ -14,10 +14,12 @@ import torch
 from raymoe.workers.dispatch.collectives import Collectives
 from raymoe.workers.dispatch.disaggregated import Packed, exchange_outputs, exchange_tokens, pack, unpack
 from raymoe.workers.expert_map import LayerMap
+from raymoe.workers.guided import model_guides
 from raymoe.workers.model.checkpoint import load_model
 from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.model.router import Routing
 from raymoe.workers.rank import RankActor
+from raymoe.workers.reference import checkpoint_eos_ids
 from raymoe.workers.replan import MoveStats, move_experts
 from raymoe.workers.runner import ModelRunner
 from raymoe.workers.stats import LayerTraffic, StepStats
@@ -88,7 +90,8 @@ class FrontEnd(RankActor):
                  moge_groups: int | None = None, threads: int = 1, expert_base: int = 1):
         super().__init__(threads)
         model = load_model(model_path, dtype, moge_groups, with_experts=False).to(self.device)
-        self.runner = ModelRunner(model, max_seqs, kv, self.device)
+        guides = model_guides(model_path, model.config.vocab_size, checkpoint_eos_ids(model_path, model.config))
+        self.runner = ModelRunner(model, max_seqs, kv, self.device, guides=guides)
         self.dtype, self.expert_base = dtype, expert_base
         self.maps = [m.to(self.device) for m in maps]
         self.expert_shape = (model.config.hidden_size, model.config.moe_intermediate_size)

@@ -15,6 +15,7 @@ import torch
 
 from raymoe.workers.engine import Engine
 from raymoe.workers.generation_config import GenerationDefaults, load_generation_config
+from raymoe.workers.guided import Guides
 from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.checkpoint import Checkpoint, load_model
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
@@ -31,6 +32,12 @@ from raymoe.workers.tokenizer import Tokenizer, load_tokenizer
 log = logging.getLogger("raymoe")
 
 
+def checkpoint_eos_ids(path: str | Path, config) -> tuple[int, ...]:
+    """``eos_ids`` of a checkpoint directory, as an engine over it uses them."""
+    return eos_ids(config.eos_token_ids, load_tokenizer(path), config.vocab_size,
+                   load_generation_config(path).eos_token_ids)
+
+
 def eos_ids(model_eos: tuple[int, ...], tokenizer: Tokenizer | None, vocab_size: int,
             generation_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
     """End-of-sequence ids: config.json's, else the tokenizer's, then generation_config.json's
@@ -45,8 +52,9 @@ class LocalExecutor:
     (or by ``experts()``, a fresh ``ExpertExecutor`` per step: the baselines' hook)."""
 
     def __init__(self, model: MoEForCausalLM, max_seqs: int, kv: KVLayout,
-                 experts: Callable[[], ExpertExecutor] | None = None, cuda_graphs: bool = False):
-        self.runner = ModelRunner(model, max_seqs, kv, next(model.parameters()).device, cuda_graphs)
+                 experts: Callable[[], ExpertExecutor] | None = None, cuda_graphs: bool = False,
+                 guides: Guides | None = None):
+        self.runner = ModelRunner(model, max_seqs, kv, next(model.parameters()).device, cuda_graphs, guides)
         self.experts = experts
         self.stats = RuntimeStats()
         self.steps: list[tuple[ExpertExecutor | None, float, int]] = []  # (experts, seconds, tokens) per step
@@ -91,7 +99,8 @@ class ReferenceEngine(Engine):
                        block_size)
         scheduler = Scheduler(max_seqs, self.max_seq_len, self.eos_token_ids, tokenizer, config.vocab_size, kv,
                               max_num_batched_tokens, prefix_caching)
-        super().__init__(LocalExecutor(model, max_seqs, kv, experts, cuda_graphs), scheduler, tokenizer)
+        guides = Guides(tokenizer.json_text, config.vocab_size, self.eos_token_ids) if tokenizer else None
+        super().__init__(LocalExecutor(model, max_seqs, kv, experts, cuda_graphs, guides), scheduler, tokenizer)
 
     @property
     def runner(self) -> ModelRunner:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from raymoe.workers.guided import Guides, guide_masks
 from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.batch import ForwardBatch
 from raymoe.workers.model.decoder import ExpertExecutor, MoEForCausalLM
@@ -29,13 +30,14 @@ class ModelRunner:
     only where the routed experts run in this process."""
 
     def __init__(self, model: MoEForCausalLM, max_seqs: int, layout: KVLayout, device: torch.device | str = "cpu",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, guides: Guides | None = None):
         self.model, self.device = model, torch.device(device)
         self.config = model.config
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(cache_shapes(self.config), max_seqs + int(cuda_graphs), layout, dtype, self.device)
         self.graphs = DecodeGraphs(model, self.cache, max_seqs) if cuda_graphs else None
         self.recorder: TraceRecorder | None = None
+        self.guides = guides  # structured output's masks (None: the model has no tokenizer)
 
     def record_trace(self, enabled: bool) -> None:
         self.recorder = TraceRecorder(self.config.moe_layer_ids, self.config.num_experts) if enabled else None
@@ -60,7 +62,7 @@ class ModelRunner:
             logits, computed, prompt_logprobs = self._forward(step, experts)
         logits = logits.float().cpu()
         tokens, scores = sample_and_score(logits, [s.params for s in step.seqs], [s.generated for s in step.seqs],
-                                          [s.history for s in step.seqs])
+                                          [s.history for s in step.seqs], guide_masks(self.guides, step.seqs))
         return StepOutput(tokens, StepStats(computed, len(step.seqs), []), logits,
                           scores if any(x is not None for x in scores) else None, prompt_logprobs)
 

@@ -26,6 +26,7 @@ import torch
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows
+GUIDE_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")  # workers/guided.py
 
 
 class SamplingParamsError(ValueError):
@@ -56,6 +57,7 @@ class SamplingParams:
     min_tokens: int = 0  # end-of-sequence and stop ids are not sampled before this many tokens
     logprobs: int | None = None  # return each sampled token's logprob and the top N alternatives' (0-20)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (0-20)
+    guide: tuple[str, str] | None = None  # structured output: (kind, value), workers/guided.py
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -83,6 +85,10 @@ class SamplingParams:
             ("prompt_logprobs", self.prompt_logprobs, self.prompt_logprobs is None or (
                 isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"null or an integer in [0, {MAX_LOGPROBS}]"),
+            ("guide", self.guide, self.guide is None or (isinstance(self.guide, tuple) and len(self.guide) == 2
+                                                         and self.guide[0] in GUIDE_KINDS
+                                                         and isinstance(self.guide[1], str)),
+             f"null or (kind, value) with kind one of {list(GUIDE_KINDS)}"),
             ("logit_bias", self.logit_bias, all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and
                                                 _number_in(b, -100, 100) for t, b in self.logit_bias),
              "token ids >= 0, each with a bias in [-100, 100]"),
@@ -105,7 +111,7 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """Nothing changes the logits before temperature, top-k and top-p."""
-        return not (self.penalized or self.logit_bias or self.min_tokens)
+        return not (self.penalized or self.logit_bias or self.min_tokens or self.guide)
 
     def with_seed(self) -> "SamplingParams":
         """These params with a random seed filled in, if none was given."""
@@ -236,18 +242,21 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
 
 
 def sample_and_score(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
-                     histories: list[History] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+                     histories: list[History] | None = None, allowed: list[torch.Tensor | None] | None = None,
+                     ) -> tuple[list[int], list[TokenLogprob | None]]:
     """``sample``, and for each row whose request asks for ``logprobs`` the sampled
-    token's ``TokenLogprob`` (``scoring_logprobs``), else None."""
-    tokens, processed = _sample(logits, params, indices, histories)
+    token's ``TokenLogprob`` (``scoring_logprobs``), else None. ``allowed[b]``: the
+    ``[V]`` bool mask of a guided row (``workers/guided.py``), applied first."""
+    tokens, processed = _sample(logits, params, indices, histories, allowed)
     scores = [None if p.logprobs is None else score(scoring_logprobs(processed[b], p), tokens[b], p.logprobs)
               for b, p in enumerate(params)]
     return tokens, scores
 
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
-            histories: list[History] | None) -> tuple[list[int], torch.Tensor]:
-    """The tokens, and the logits after the processors ``[B, V]``."""
+            histories: list[History] | None, allowed: list[torch.Tensor | None] | None = None,
+            ) -> tuple[list[int], torch.Tensor]:
+    """The tokens, and the logits after the mask and the processors ``[B, V]``."""
     plain = [p.plain for p in params]
     if all(plain):
         greedy = _argmax(logits)
@@ -255,6 +264,9 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[in
             return greedy, logits
     else:
         rows = logits.float().cpu()
+        if allowed is not None and any(a is not None for a in allowed):
+            rows = torch.stack([rows[b] if a is None else rows[b].masked_fill(~a, float("-inf"))
+                                for b, a in enumerate(allowed)])
         logits = torch.stack([rows[b] if plain[b] else process_logits(rows[b], params[b], histories[b])
                               for b in range(len(params))])
         greedy = _argmax(logits)

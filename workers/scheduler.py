@@ -144,6 +144,8 @@ class Scheduler:
             raise RequestError("prompt", f"{len(prompt)} tokens", f"at most {self.max_seq_len - 1} tokens")
         if request.params.stop and self.tokenizer is None:
             raise RequestError("stop", request.params.stop, "no stop strings: the model has no tokenizer")
+        if request.params.guide and self.tokenizer is None:
+            raise RequestError("guide", request.params.guide[0], "no structured output: the model has no tokenizer")
         decoder = self.tokenizer.incremental() if request.params.stop else None
         self.waiting.append(Sequence(request, decoder=decoder))
 

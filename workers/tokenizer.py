@@ -19,7 +19,8 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json"
         try:
-            self._tok = _HFTokenizer.from_file(str(file))
+            self.json_text = file.read_text()  # (structured output builds its own view of the vocabulary from it)
+            self._tok = _HFTokenizer.from_str(self.json_text)
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
             raise CheckpointError(file, f"cannot be loaded as a tokenizer ({exc})", "restore tokenizer.json") from None
         config_file = path / "tokenizer_config.json"

@@ -4,6 +4,8 @@ local Ray instance with real gloo collectives."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import time
 
@@ -15,7 +17,7 @@ from raymoe.cluster.config import DeploymentConfigError, parse_config
 from raymoe.cluster.coordinator import Deployment
 from tests.plans import linear_plan, random_plan
 from tests.tiny_models import fp8_checkpoint
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import save_char_tokenizer, save_tiny_model
 from raymoe.workers.engine import Engine
 from raymoe.workers.model.attention import cache_shapes
 from raymoe.workers.model.checkpoint import Checkpoint
@@ -118,19 +120,26 @@ def test_quantized_experts_run_distributed_as_in_one_process(ray_session, tiny_m
 
 
 @pytest.mark.parametrize("layout", ["disaggregated", "coherent"])
-def test_penalties_bias_and_min_tokens_sample_as_in_one_process(ray_session, models, layout):
+def test_penalties_bias_and_min_tokens_sample_as_in_one_process(ray_session, models, layout, tmp_path):
     """The sampler's processors get what they need in the step message: the deployment
     (front-end, or every coherent rank) samples exactly the reference engine's tokens
-    (greedy and seeded), and scores them the same (logprobs, 1e-5)."""
-    ref = ReferenceEngine.from_pretrained(models["mixtral"], max_seqs=4)
+    (greedy and seeded), scores them the same (logprobs, 1e-5), and masks them the same
+    (structured output: the model gets a character tokenizer for it)."""
+    path = tmp_path / "mixtral"
+    shutil.copytree(models["mixtral"], path)
+    save_char_tokenizer(path)
+    ref = ReferenceEngine.from_pretrained(path, max_seqs=4)
     params = [SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.4,
                              logprobs=3, prompt_logprobs=2),
               SamplingParams(max_new_tokens=12, temperature=0.9, seed=3, min_p=0.1, repetition_penalty=2.0,
                              logit_bias=((7, 3.0),), logprobs=0),
-              SamplingParams(max_new_tokens=12, min_tokens=6, stop_token_ids=(7,), logit_bias=((7, 50.0),))]
-    with deployment(models["mixtral"], 2, linear_plan(6, 2, 3), layout=layout) as dep:
-        got = [dep.generate_ids([p], [sp])[0] for p, sp in zip(PROMPTS, params)]
-    want = [ref.generate_ids([p], [sp])[0] for p, sp in zip(PROMPTS, params)]
+              SamplingParams(max_new_tokens=12, min_tokens=6, stop_token_ids=(7,), logit_bias=((7, 50.0),)),
+              SamplingParams(max_new_tokens=12, temperature=1.0, seed=2, guide=("regex", "[a-f]{3}-[0-9]{2}"))]
+    prompts = PROMPTS + PROMPTS[:1]
+    with deployment(path, 2, linear_plan(6, 2, 3), layout=layout) as dep:
+        got = [dep.generate_ids([p], [sp])[0] for p, sp in zip(prompts, params)]
+    want = [ref.generate_ids([p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert re.fullmatch("[a-f]{3}-[0-9]{2}", want[3].text)
     assert [c.output_ids for c in got] == [c.output_ids for c in want]
     assert len(want[2].output_ids) == 7 and want[2].output_ids[-1] == 7 and got[2].logprobs is None
     for a, b in zip(got[:2], want[:2]):

@@ -65,6 +65,11 @@ CASES = [
     ("chat/completions", {**CHAT, "max_completion_tokens": CONTEXT}, 400, "max_tokens", "context window",
      "context_length_exceeded"),
     ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "not supported", None),
+    ("chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice", "", None),
+    ("completions", {**GOOD, "suffix": "x"}, 400, "suffix", "not supported", None),
+    ("chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format",
+     "needs its 'json_schema'", None),
+    ("completions", {**GOOD, "guided_regex": "(a"}, 400, "guided_regex", "cannot be compiled", None),
     ("chat/completions", {**CHAT, "model": "nope"}, 404, "model", "nope", "model_not_found"),
 ]
 

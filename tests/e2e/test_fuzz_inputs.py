@@ -73,15 +73,22 @@ TYPED = {
     "stop": st.one_of(HOSTILE_TEXT, st.lists(HOSTILE_TEXT, max_size=5)), "stop_token_ids": st.lists(HOSTILE_INT),
     "logit_bias": st.dictionaries(HOSTILE_TEXT, HOSTILE_FLOAT, max_size=2),
     "stream_options": st.fixed_dictionaries({"include_usage": VALUES}),
-    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "xml"])},
-                                             optional={"json_schema": VALUES}),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+                                             optional={"json_schema": st.one_of(VALUES, st.fixed_dictionaries(
+                                                 {"name": HOSTILE_TEXT, "schema": st.dictionaries(
+                                                     HOSTILE_TEXT, VALUES, max_size=3)}))}),
+    "guided_json": st.one_of(HOSTILE_TEXT, st.dictionaries(st.sampled_from(["type", "properties", "enum", "pattern"]),
+                                                           VALUES, max_size=3)),
+    "guided_regex": HOSTILE_TEXT, "guided_grammar": HOSTILE_TEXT,
+    "guided_choice": st.lists(HOSTILE_TEXT, max_size=3),
     **dict.fromkeys(["max_tokens", "n", "seed", "top_k", "logprobs", "best_of", "max_completion_tokens",
                      "top_logprobs"], HOSTILE_INT),
     **dict.fromkeys(["temperature", "top_p", "presence_penalty", "frequency_penalty"], HOSTILE_FLOAT),
 }
 COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
                      "stop", "seed", "user", "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
-                     "ignore_eos", "stop_token_ids", "echo", "logprobs", "best_of", "suffix", "no_such_field"]
+                     "ignore_eos", "stop_token_ids", "echo", "logprobs", "best_of", "suffix", "no_such_field",
+                     "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
 CHAT_FIELDS = [f for f in COMPLETION_FIELDS if f not in ("prompt", "echo", "best_of", "suffix")] + [
     "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice"]
 
