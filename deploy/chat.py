@@ -56,7 +56,7 @@ def checkpoint_template(config: dict) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "strftime_now")
+RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "strftime_now", "tools")
 
 
 class ChatRenderer:
@@ -84,10 +84,12 @@ class ChatRenderer:
         except TemplateError as exc:
             raise ChatTemplateError(str(exc), self.source) from None
 
-    def render(self, messages: list[dict], extra: dict | None = None) -> str:
-        """Messages (``role``, ``content`` text, optional ``name``) -> prompt text. Where
-        the tokenizer adds BOS itself, the template's own leading BOS text is dropped.
-        ``extra``: more template variables (a request's ``chat_template_kwargs``)."""
+    def render(self, messages: list[dict], extra: dict | None = None, tools: list[dict] | None = None) -> str:
+        """Messages (``role``, ``content`` text, optional ``name``, ``tool_calls``,
+        ``tool_call_id``) -> prompt text. Where the tokenizer adds BOS itself, the
+        template's own leading BOS text is dropped. ``extra``: more template variables (a
+        request's ``chat_template_kwargs``); ``tools``: the request's tools, as HF
+        templates take them (a template that does not use them renders without)."""
         extra = extra or {}
         taken = [k for k in extra if k in RESERVED]
         if taken:
@@ -95,7 +97,7 @@ class ChatRenderer:
                                     self.source, "chat_template_kwargs")
         try:
             text = self.template.render(**extra, messages=messages, add_generation_prompt=True,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+                                        bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
         except TemplateError as exc:
             raise ChatTemplateError(str(exc), self.source) from None
         if self.strip_bos and self.bos_token and text.startswith(self.bos_token):

@@ -13,7 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
-from raymoe.deploy import logprobs
+from raymoe.deploy import logprobs, tool_calls
 from raymoe.deploy import openai_api as api
 from raymoe.deploy.errors import invalid
 from raymoe.deploy.prompts import Limits
@@ -32,16 +32,21 @@ class Submission:
     prompt_tokens: int  # each prompt counted once
     prompt_param: str  # the request field that holds the prompt ("prompt" or "messages")
     echoes: list[str] | None = None  # completions with echo: each choice's prompt text, put before its text
+    tool_choice: object = None  # chat with tools: "auto", "required" or a NamedToolChoice (deploy/tool_calls.py)
 
 
 def _guide(service: ModelService, req: api.SamplingFields) -> tuple[str, str] | None:
-    """The request's structured-output constraint, compiled once here so that a bad one is
-    a 400 naming its field (``workers/guided.py``)."""
+    """The request's structured-output constraint (its own, or the one ``tool_choice``
+    ``required`` or a named function implies), compiled once here so that a bad one is a
+    400 naming its field (``workers/guided.py``)."""
     try:
         guides = req.guides()
     except ValueError:
         raise invalid("'response_format' of type json_schema needs its 'json_schema': {'name': ..., 'schema': {...}}",
                       "response_format") from None
+    forced = tool_calls.forced_guide(req.tools, req.tool_choice) if getattr(req, "tools", None) else None
+    if forced is not None:
+        guides.append(("tool_choice", forced))
     if not guides:
         return None
     if len(guides) > 1:
@@ -129,8 +134,26 @@ def plan_chat(service: ModelService, req: api.ChatCompletionRequest) -> Submissi
     _refuse_unsupported(req.unsupported_fields())
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    prompt = service.encoder.chat_prompt(req.message_dicts(), req.chat_template_kwargs)
-    return _submission(service, req, [prompt], [req.requested_tokens()], "messages")
+    _check_tools(req)
+    prompt = service.encoder.chat_prompt(req.message_dicts(), req.chat_template_kwargs, req.tool_dicts())
+    plan = _submission(service, req, [prompt], [req.requested_tokens()], "messages")
+    if req.tools and req.tool_choice != "none":
+        plan = replace(plan, tool_choice=req.tool_choice or "auto")
+    return plan
+
+
+def _check_tools(req: api.ChatCompletionRequest) -> None:
+    choice = req.tool_choice
+    if choice not in (None, "none", "auto") and not req.tools:
+        raise invalid("'tool_choice' other than none or auto needs 'tools'", "tool_choice")
+    if choice is not None and not isinstance(choice, str) and \
+            choice.function.name not in {t.function.name for t in req.tools}:
+        raise invalid(f"'tool_choice' names '{choice.function.name}', which is not among 'tools'", "tool_choice")
+    for i, m in enumerate(req.messages):
+        if m.role == "tool" and not m.tool_call_id:
+            raise invalid("a 'tool' message needs the 'tool_call_id' it answers", f"messages.{i}.tool_call_id")
+        if m.tool_calls and m.role != "assistant":
+            raise invalid("only an 'assistant' message has 'tool_calls'", f"messages.{i}.tool_calls")
 
 
 async def respond(service: ModelService, plan: Submission, chat: bool) -> dict:
@@ -143,6 +166,12 @@ async def respond(service: ModelService, plan: Submission, chat: bool) -> dict:
     if plan.params[0].logprobs is not None:
         for row, choice in zip(rows, choices):
             row["logprobs"] = _logprobs(service, (choice.prompt_logprobs or []) + choice.logprobs, chat, 0)
+    if plan.tool_choice is not None:
+        for row in rows:
+            content, calls = _read_calls(plan.tool_choice, row["text"])
+            if calls:
+                row.update(text=content, tool_calls=tool_calls.call_dicts(calls),
+                           finish_reason="tool_calls" if row["finish_reason"] == "stop" else row["finish_reason"])
     generated = sum(len(c.token_ids) for c in choices)
     build = api.chat_response if chat else api.completion_response
     return build(api.new_id("chatcmpl" if chat else "cmpl"), service.name, rows, plan.prompt_tokens, generated)
@@ -162,6 +191,7 @@ async def chunks(service: ModelService, plan: Submission, streams: list, chat: b
             yield api.chat_chunk(rid, service.name, created, index, {"role": "assistant", "content": ""}, None)
     generated, offsets = 0, [0] * len(streams)  # completions: each choice's text_offset so far
     echoed = [plan.echoes is None] * len(streams)
+    calls = [ToolStream(plan.tool_choice) for _ in streams] if chat and plan.tool_choice is not None else None
     try:
         async with aclosing(service.stream(streams, plan.stops)) as pieces:
             async for piece in pieces:
@@ -176,13 +206,57 @@ async def chunks(service: ModelService, plan: Submission, streams: list, chat: b
                 if piece.logprobs:
                     scores = _logprobs(service, piece.logprobs, chat, offsets[piece.index])
                     offsets[piece.index] += 0 if chat else sum(map(len, scores["tokens"]))
-                if piece.text or piece.finish_reason is not None or scores:
+                if calls is not None:  # the text goes through the tool-call reader first
+                    for delta, finish_reason in calls[piece.index].feed(piece.text, piece.finish_reason):
+                        yield api.chat_chunk(rid, service.name, created, piece.index, delta, finish_reason, scores)
+                        scores = None
+                    if scores:
+                        yield api.chat_chunk(rid, service.name, created, piece.index, {}, None, scores)
+                elif piece.text or piece.finish_reason is not None or scores:
                     yield _chunk(service, rid, created, piece, chat, scores)
     finally:
         service.abort(streams)  # the client went away: free the KV-cache slots now
     if include_usage:
         obj = "chat.completion.chunk" if chat else "text_completion"
         yield api.usage_chunk(rid, service.name, created, obj, plan.prompt_tokens, generated)
+
+
+class ToolStream:
+    """One streamed choice of a request with tools: content is sent as it comes, until a
+    call block may start (``auto``; nothing at all for ``required`` / named); the calls
+    are sent whole, as one ``tool_calls`` delta, once the choice is done."""
+
+    def __init__(self, choice):
+        self.choice, self.text, self.sent = choice, "", 0
+
+    def feed(self, text: str, finish_reason: str | None) -> list[tuple[dict, str | None]]:
+        """(delta, finish_reason) chunks for this piece."""
+        self.text += text
+        out = []
+        if self.choice == "auto":
+            safe = self.text.find(tool_calls.OPEN)
+            safe = len(self.text) - tool_calls.held_back(self.text) if safe < 0 else safe
+            if safe > self.sent:
+                out.append(({"content": self.text[self.sent:safe]}, None))
+                self.sent = safe
+        if finish_reason is None:
+            return out
+        content, calls = _read_calls(self.choice, self.text)
+        if not calls:
+            rest = self.text[self.sent:]
+            return out + ([({"content": rest}, None)] if rest else []) + [({}, finish_reason)]
+        rest = tool_calls.without_blocks(self.text[self.sent:]) if self.choice == "auto" else ""
+        deltas = [{"index": i, **call} for i, call in enumerate(tool_calls.call_dicts(calls))]
+        out += ([({"content": rest}, None)] if rest else []) + [({"tool_calls": deltas}, None)]
+        return out + [({}, "tool_calls" if finish_reason == "stop" else finish_reason)]
+
+
+def _read_calls(choice, text: str) -> tuple[str | None, list]:
+    """(content, calls) of an output, for ``tool_choice`` ``choice``."""
+    if choice == "auto":
+        return tool_calls.PARSERS["hermes"](text)
+    calls = tool_calls.forced_calls(text, choice)
+    return (None, calls) if calls else (text, [])
 
 
 def _chunk(service: ModelService, rid: str, created: int, piece: Piece, chat: bool, scores: dict | None) -> dict:

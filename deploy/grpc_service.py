@@ -42,6 +42,8 @@ def to_completion(service: ModelService, request: pb.GenerateRequest) -> api.Com
               "seed": _optional(request, "seed"), "stop": list(request.stop) or None, "ignore_eos": request.ignore_eos,
               "stop_token_ids": list(request.stop_token_ids) or None,
               "logit_bias": {str(k): v for k, v in request.logit_bias.items()} or None,
+              "guided_json": request.guided_json or None, "guided_regex": request.guided_regex or None,
+              "guided_choice": list(request.guided_choice) or None, "guided_grammar": request.guided_grammar or None,
               **{name: _optional(request, name) for name in ("presence_penalty", "frequency_penalty",
                                                               "repetition_penalty", "min_p", "min_tokens", "logprobs")}}
     try:

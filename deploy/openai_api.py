@@ -123,15 +123,49 @@ class TextPart(_Strict):
     text: str
 
 
+class ToolCallFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool: the call this message answers")
 
     def text(self) -> str:
         if self.content is None:
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Strict):
@@ -154,14 +188,16 @@ class ChatCompletionRequest(SamplingFields):
                                      f"alternatives of each token (0-{MAX_LOGPROBS})")
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with its "
                                                    "schema: the output follows it (structured output)")
-    tools: list[dict] | None = Field(None, description="not supported: null or []")
-    tool_choice: Literal["none", "auto"] | None = Field(None, description="not supported: null, 'none' or 'auto'")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
+        None, description="functions the model may call (rendered by the chat template; calls parsed from its output)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required (at least one call), or a named "
+                          "function; required and named calls are valid JSON by construction")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="extension (as in vLLM): more variables for the chat template, e.g. {'enable_thinking': false}")
 
     def unsupported_fields(self) -> list[str]:
-        flags = {"tools": bool(self.tools)}
-        return [name for name, bad in flags.items() if bad]
+        return []
 
     def guides(self) -> list[tuple[str, tuple[str, str]]]:
         out = super().guides()
@@ -181,7 +217,24 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in self.messages]
+        """The messages as chat templates take them (a call's arguments as an object, when
+        they are a JSON object, as HF templates expect)."""
+        out = []
+        for m in self.messages:
+            d = {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            if m.tool_calls:
+                d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            out.append(d)
+        return out
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools for the chat template (none when ``tool_choice`` is ``none``)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class TokenizeRequest(_Strict):
@@ -200,6 +253,14 @@ class DetokenizeRequest(_Strict):
 
     model: str | None = None
     tokens: list[TokenId]
+
+
+def _json_or_text(text: str):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class ErrorDetail(BaseModel):
@@ -244,7 +305,8 @@ def chat_response(rid: str, model: str, choices: list[dict], prompt_tokens: int,
     asked for (``deploy/logprobs.py``)."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"],
+                                                          **({"tool_calls": c["tool_calls"]} if "tool_calls" in c else {})},
                          "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")} for c in choices],
             "usage": usage(prompt_tokens, completion_tokens)}
 

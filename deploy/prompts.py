@@ -123,7 +123,8 @@ class PromptEncoder:
             return [self.ids(prompt)]
         return [self.ids(p) for p in prompt]
 
-    def chat_prompt(self, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
+    def chat_prompt(self, messages: list[dict], template_kwargs: dict | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise invalid("this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
                           "messages")
@@ -132,7 +133,7 @@ class PromptEncoder:
                 if isinstance(message.get(key), str):
                     _check_unicode(message[key], f"messages.{index}.{key}")
         try:
-            text = self.chat.render(messages, template_kwargs)
+            text = self.chat.render(messages, template_kwargs, tools)
         except ChatTemplateError as exc:
             raise invalid(str(exc), exc.param) from None
         return self.text(text, "messages")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#raymoe/deploy/grpc_gen/raymoe.proto\x12\x06raymoe\"\xa2\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\r\x12:\n\nlogit_bias\x18\x11 \x03(\x0b\x32&.raymoe.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x12 \x01(\rH\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"j\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12(\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x12.raymoe.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xab\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1c\n\x05usage\x18\x06 \x01(\x0b\x32\r.raymoe.Usage\x12&\n\x08logprobs\x18\x07 \x03(\x0b\x32\x14.raymoe.TokenLogprob\"\x99\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.raymoe.Usage\x12&\n\x08logprobs\x18\x06 \x03(\x0b\x32\x14.raymoe.TokenLogprob2\x92\x01\n\rRaymoeService\x12=\n\x08Generate\x12\x17.raymoe.GenerateRequest\x1a\x18.raymoe.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.raymoe.GenerateRequest\x1a\x15.raymoe.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#raymoe/deploy/grpc_gen/raymoe.proto\x12\x06raymoe\"\xfc\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\r\x12:\n\nlogit_bias\x18\x11 \x03(\x0b\x32&.raymoe.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x12 \x01(\rH\n\x88\x01\x01\x12\x13\n\x0bguided_json\x18\x13 \x01(\t\x12\x14\n\x0cguided_regex\x18\x14 \x01(\t\x12\x15\n\rguided_choice\x18\x15 \x03(\t\x12\x16\n\x0eguided_grammar\x18\x16 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"j\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12(\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x12.raymoe.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xab\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1c\n\x05usage\x18\x06 \x01(\x0b\x32\r.raymoe.Usage\x12&\n\x08logprobs\x18\x07 \x03(\x0b\x32\x14.raymoe.TokenLogprob\"\x99\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.raymoe.Usage\x12&\n\x08logprobs\x18\x06 \x03(\x0b\x32\x14.raymoe.TokenLogprob2\x92\x01\n\rRaymoeService\x12=\n\x08Generate\x12\x17.raymoe.GenerateRequest\x1a\x18.raymoe.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.raymoe.GenerateRequest\x1a\x15.raymoe.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=722
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=510
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=558
-  _globals['_TOPLOGPROB']._serialized_start=724
-  _globals['_TOPLOGPROB']._serialized_end=786
-  _globals['_TOKENLOGPROB']._serialized_start=788
-  _globals['_TOKENLOGPROB']._serialized_end=894
-  _globals['_USAGE']._serialized_start=896
-  _globals['_USAGE']._serialized_end=975
-  _globals['_GENERATERESPONSE']._serialized_start=978
-  _globals['_GENERATERESPONSE']._serialized_end=1149
-  _globals['_GENERATECHUNK']._serialized_start=1152
-  _globals['_GENERATECHUNK']._serialized_end=1305
-  _globals['_RAYMOESERVICE']._serialized_start=1308
-  _globals['_RAYMOESERVICE']._serialized_end=1454
+  _globals['_GENERATEREQUEST']._serialized_end=812
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=600
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=648
+  _globals['_TOPLOGPROB']._serialized_start=814
+  _globals['_TOPLOGPROB']._serialized_end=876
+  _globals['_TOKENLOGPROB']._serialized_start=878
+  _globals['_TOKENLOGPROB']._serialized_end=984
+  _globals['_USAGE']._serialized_start=986
+  _globals['_USAGE']._serialized_end=1065
+  _globals['_GENERATERESPONSE']._serialized_start=1068
+  _globals['_GENERATERESPONSE']._serialized_end=1239
+  _globals['_GENERATECHUNK']._serialized_start=1242
+  _globals['_GENERATECHUNK']._serialized_end=1395
+  _globals['_RAYMOESERVICE']._serialized_start=1398
+  _globals['_RAYMOESERVICE']._serialized_end=1544
 # @@protoc_insertion_point(module_scope)

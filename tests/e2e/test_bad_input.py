@@ -64,7 +64,7 @@ CASES = [
      "context window", "context_length_exceeded"),
     ("chat/completions", {**CHAT, "max_completion_tokens": CONTEXT}, 400, "max_tokens", "context window",
      "context_length_exceeded"),
-    ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "not supported", None),
+    ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools.0.function", "", None),
     ("chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice", "", None),
     ("completions", {**GOOD, "suffix": "x"}, 400, "suffix", "not supported", None),
     ("chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format",

@@ -73,6 +73,28 @@ def test_penalties_bias_and_logprobs_as_over_http(server, stub):
     assert len(plain.logprobs) == 0
 
 
+def test_structured_output_over_grpc(server, stub):
+    """The ``guided_*`` fields as over HTTP: a JSON schema, a regex, a choice; a bad one is
+    INVALID_ARGUMENT naming the field."""
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 50}},
+              "required": ["n"], "additionalProperties": False}
+    meta = dict(metadata=server.grpc_metadata(), timeout=60)
+    got = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=30, guided_json=json.dumps(schema)), **meta)
+    assert json.loads(got.text)["n"] in range(51)
+    http = _http_text(server, prompt=PROMPT, max_tokens=30, temperature=0, guided_json=schema)
+    assert got.text == http["choices"][0]["text"]
+    regex = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=10, guided_regex="[xyz]{3}"), **meta)
+    assert re.fullmatch("[xyz]{3}", regex.text)
+    choice = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=10, guided_choice=["on", "off"]), **meta)
+    assert choice.text in ("on", "off")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=5, guided_regex="(a"), **meta)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "guided_regex" in info.value.details()
+
+
 @pytest.mark.parametrize("request_fields,code,needle", [
     (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "'prompt' is empty"),
     (dict(prompt="x", prompt_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "not both"),

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from tests.e2e.conftest import CHAT_TEMPLATE, alone
+from tests.unit.test_guided import FLAT_SCHEMAS
 
 PROMPT = "def fibonacci(n):"
 
@@ -313,3 +315,80 @@ def test_structured_output_over_the_api(client, server, reference):
     with pytest.raises(openai.BadRequestError, match="one structured-output constraint"):
         client.completions.create(model=server.model, prompt=PROMPT, max_tokens=5,
                                   extra_body={"guided_choice": ["a"], "guided_regex": "a"})
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 4}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+def test_a_tool_call_round_trip(client, server):
+    """A named function: the call's arguments are valid JSON for its schema by
+    construction; the call and the tool's answer go back into the history, rendered by
+    the chat template, and the model answers. ``required`` makes at least one call; with
+    ``auto`` the model's own Hermes-format text is parsed into calls (forced here with a
+    regex, the tiny model never writes one), streamed or not."""
+    import json
+
+    messages = [{"role": "user", "content": "weather?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40, temperature=0,
+                                         tools=[WEATHER_TOOL], tool_choice=named)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    answer = client.chat.completions.create(model=server.model, messages=history, max_tokens=5, temperature=0,
+                                            tools=[WEATHER_TOOL])
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.tool_calls is None
+    required = client.chat.completions.create(model=server.model, messages=messages, max_tokens=100, temperature=0,
+                                              tools=[WEATHER_TOOL], tool_choice="required")
+    # the tiny model repeats calls past the 128-token context (tests/unit/test_tool_calls.py checks
+    # complete ones): the text is the guided array, cut, and holds no call
+    (cut,) = required.choices
+    assert cut.message.content.startswith('[{"name":"get_weather","parameters":{"city":"')
+    assert cut.finish_reason == "length" and cut.message.tool_calls is None
+    forced = r'Ok\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "Oslo"\}\}</tool_call>'
+    auto = client.chat.completions.create(model=server.model, messages=messages, max_tokens=95, temperature=0,
+                                          tools=[WEATHER_TOOL], extra_body={"guided_regex": forced})
+    assert auto.choices[0].message.content == "Ok." and auto.choices[0].finish_reason == "tool_calls"
+    assert json.loads(auto.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+    chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=95, temperature=0,
+                                                 tools=[WEATHER_TOOL], extra_body={"guided_regex": forced},
+                                                 stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Ok. "
+    (streamed,) = [t for d in deltas if d.tool_calls for t in d.tool_calls]
+    assert streamed.function.name == "get_weather" and json.loads(streamed.function.arguments) == {"city": "Oslo"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    none = client.chat.completions.create(model=server.model, messages=messages, max_tokens=95, temperature=0,
+                                          tools=[WEATHER_TOOL], tool_choice="none", extra_body={"guided_regex": forced})
+    assert none.choices[0].message.tool_calls is None and "<tool_call>" in none.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="not among"):
+        client.chat.completions.create(model=server.model, messages=messages, max_tokens=5, tools=[WEATHER_TOOL],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(openai.BadRequestError, match="tool_call_id"):
+        client.chat.completions.create(model=server.model, max_tokens=5,
+                                       messages=[{"role": "tool", "content": "x"}])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=FLAT_SCHEMAS)
+def test_json_schema_outputs_validate_over_http(client, server, schema):
+    """20 random JSON schemas (tests/unit/test_guided.py's flat ones: the served context is
+    128 characters), as ``response_format`` json_schema with the official client: the text
+    parses and validates."""
+    import json
+
+    import jsonschema
+
+    out = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "data"}],
+                                         max_tokens=90, temperature=0,
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "s", "schema": schema}})
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)

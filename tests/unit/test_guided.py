@@ -42,12 +42,15 @@ VALUES = st.recursive(LEAVES, lambda inner: st.one_of(
                              "additionalProperties": False},
               st.dictionaries(st.sampled_from(["a", "b", "name", "id"]), inner, min_size=1, max_size=3))),
     max_leaves=6)
+FLAT_SCHEMAS = st.builds(lambda props: {"type": "object", "properties": props, "required": sorted(props),
+                                        "additionalProperties": False},
+                         st.dictionaries(st.sampled_from(["a", "b", "id"]), LEAVES, min_size=1, max_size=2))
 SCHEMAS = st.builds(lambda props: {"type": "object", "properties": props, "required": sorted(props),
                                    "additionalProperties": False},
                     st.dictionaries(st.sampled_from(["a", "b", "name", "id", "tags"]), VALUES, min_size=1, max_size=3))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(SCHEMAS, st.sampled_from([0.0, 1.0]), st.integers(0, 1000))
 def test_outputs_of_random_schemas_parse_and_validate(engine, schema, temperature, seed):
     params = SamplingParams(max_new_tokens=300, temperature=temperature, seed=seed,
