@@ -29,7 +29,7 @@ from raymoe.workers.model.kv_cache import KVLayout
 from raymoe.workers.rank import RankActor
 from raymoe.workers.reference import checkpoint_eos_ids
 from raymoe.workers.replan import MoveStats, move_experts
-from raymoe.workers.sampling import TokenLogprob, sample_and_score, score
+from raymoe.workers.sampling import TokenLogprob, prompt_logprobs, sample_and_score, score
 from raymoe.workers.stats import LayerTraffic
 from raymoe.workers.step import StepInput
 
@@ -172,7 +172,7 @@ class CoherentRank(RankActor):
         mine = self._mine(step, hosted, seq_of, torch.tensor(sorted(targets), device=self.device))
         if not mine.any():
             return {}
-        logprobs = torch.log_softmax(self.model.logits(hosted.h[mine]).float().cpu(), dim=-1)
+        logprobs = prompt_logprobs(self.model.logits(hosted.h[mine]).cpu())
         out: dict[int, list] = {}
         for k, row in enumerate(hosted.tokens[mine].tolist()):
             b, i, target = targets[row]

@@ -155,11 +155,11 @@ class Engine:
         prompts = {rid: prompt_logprobs(seqs[i]) for i, rid in ids.items()
                    if not seqs[i].output_ids and seqs[i].request.params.prompt_logprobs is not None}
         scores = {}
-        if out.logprobs is not None:
-            scores = {rid: out.logprobs[i] for i, rid in ids.items() if out.logprobs[i] is not None}
-            for i in ids:
-                if out.logprobs[i] is not None:
-                    seqs[i].logprobs.append(out.logprobs[i])
+        for i, rid in ids.items():
+            entry = out.logprobs[i] if out.logprobs is not None else None
+            if entry is not None:
+                scores[rid] = entry
+                seqs[i].logprobs.append(entry)
         finished = [self._completion(s) for s in self.scheduler.commit(seqs, out.tokens)]
         return StepResult({rid: out.tokens[i] for i, rid in ids.items()}, finished, logits, scores, prompts)
 

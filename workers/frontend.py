@@ -22,7 +22,7 @@ from raymoe.workers.rank import RankActor
 from raymoe.workers.reference import checkpoint_eos_ids
 from raymoe.workers.replan import MoveStats, move_experts
 from raymoe.workers.runner import ModelRunner
-from raymoe.workers.stats import LayerTraffic, StepStats
+from raymoe.workers.stats import LayerTraffic
 from raymoe.workers.step import StepInput, StepOutput
 
 
@@ -126,9 +126,9 @@ class FrontEnd(RankActor):
         experts = DispatchingExperts(self.maps, self.collectives, self.expert_base, self.dtype)
         out = self.runner.run(step, experts)
         waited = experts.seconds["dispatch"] + experts.seconds["combine_wait"]
-        stats = StepStats(out.stats.tokens, len(step.seqs), experts.traffic(),
-                          micro_batches=max(1, len(step.micro_batches)))
-        stats.seconds.update(attention=time.perf_counter() - started - waited, dispatch=experts.seconds["dispatch"],
-                             combine=experts.seconds["combine_wait"])
-        return StepOutput(out.tokens, stats, out.logits if step.return_logits else None, out.logprobs,
-                          out.prompt_logprobs)
+        out.stats.layers, out.stats.micro_batches = experts.traffic(), max(1, len(step.micro_batches))
+        out.stats.seconds.update(attention=time.perf_counter() - started - waited,
+                                 dispatch=experts.seconds["dispatch"], combine=experts.seconds["combine_wait"])
+        if not step.return_logits:
+            out.logits = None  # not shipped back to the coordinator unless asked for
+        return out

@@ -186,10 +186,15 @@ def score(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
+def prompt_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [..., V]`` -> the log-probabilities prompt tokens are scored by: the model's
+    own, unprocessed (no sampling parameter applies to a prompt)."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def score_prompt(logits: torch.Tensor, targets: tuple[int, ...], top: int) -> list[TokenLogprob]:
-    """Prompt logprobs: row i of ``logits [n, V]`` (the model's, unprocessed: no sampling
-    parameter applies to a prompt) scores ``targets[i]``."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """Prompt logprobs: row i of ``logits [n, V]`` scores ``targets[i]``."""
+    logprobs = prompt_logprobs(logits)
     return [score(logprobs[i], t, top) for i, t in enumerate(targets)]
 
 
